@@ -1,0 +1,137 @@
+//! agentd: run one agent job in a sandbox (`run`), or report what this host offers
+//! (`check`). The daemon (`serve`) comes with its own issue.
+
+use agentd::job::{self, RunOptions};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "agentd", version, about = "Linux-native supervisor for AI agent jobs", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one job to completion in a sandbox, on the built-in default policy unless
+    /// --policy names another.
+    ///
+    /// The job gets its own user, pid, mount, network, ipc, uts and cgroup namespaces and
+    /// a cgroup with the policy's limits; it sees only the paths its policy grants, runs as
+    /// an unprivileged host user with no capabilities, under Landlock and seccomp.
+    ///
+    /// Exit status: the job's own; 128+N if it was killed by signal N; 125 if agentd
+    /// failed or refused to run it; 126 if the command cannot be executed; 127 if it
+    /// is not found.
+    #[command(after_help = "Examples:\n  agentd run -- sh -c 'id; ls /; touch /etc/x'\n  agentd run --workspace \"$PWD\" --policy ci-coding-agent --report job.json -- make test")]
+    Run(RunArgs),
+    /// Report what this kernel and host offer: cgroup layout and usable controllers,
+    /// Landlock ABI, seccomp, userfaultfd, SCHED_DEADLINE, EEVDF slices, namespaces,
+    /// overlayfs, PSI.
+    Check {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Check controllers below this cgroup instead of agentd's own (as for run).
+        #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
+        cgroup_parent: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Policy name (looked up in --policy-dir, then built in) or path to a TOML file.
+    #[arg(long, default_value = "default", value_name = "NAME|PATH")]
+    policy: String,
+    /// Directory of operator policies.
+    #[arg(long, env = "AGENTD_POLICY_DIR", default_value = agentd::spec::POLICY_DIR, value_name = "DIR")]
+    policy_dir: PathBuf,
+    /// Directory the job may write; it appears at the same path and is the working directory.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    /// CPU limit in CPUs, fractions allowed (0.5 = half a CPU). Overrides the policy.
+    #[arg(long, value_name = "CPUS")]
+    cpu: Option<String>,
+    /// Memory limit, e.g. 512M or 2G. Overrides the policy.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Limit on processes and threads. Overrides the policy.
+    #[arg(long, value_name = "N")]
+    pids: Option<String>,
+    /// Wall-clock limit, e.g. 30s, 10m, 1h; then SIGTERM and, 5 s later, SIGKILL.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Set KEY=VALUE in the job's environment, or pass KEY from agentd's. Repeatable.
+    #[arg(long = "env", value_name = "KEY[=VALUE]")]
+    env: Vec<String>,
+    /// Agent name recorded in the report (overrides the policy's identity.agent).
+    #[arg(long)]
+    agent: Option<String>,
+    /// Model recorded in the report (overrides the policy's identity.model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Write the job's JSON report here when it ends.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Run even though the kernel lacks FEATURE (landlock, cgroup-cpu, cgroup-memory,
+    /// cgroup-pids); the report lists it. Repeatable.
+    #[arg(long = "allow-degraded", value_name = "FEATURE")]
+    allow_degraded: Vec<String>,
+    /// Where runtime files go (one directory per job, removed when it ends).
+    #[arg(long, env = "AGENTD_RUNTIME_DIR", default_value = "/run/agentd", value_name = "DIR")]
+    runtime_dir: PathBuf,
+    /// Create job cgroups below this cgroup (e.g. /agentd.slice) instead of agentd's own.
+    #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
+    cgroup_parent: Option<String>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let informational = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
+            let _ = e.print();
+            // Usage errors are agentd refusing to run: 125, like every other refusal.
+            std::process::exit(if informational && e.kind() != ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 0 } else { 125 });
+        }
+    };
+    let code = match cli.command {
+        Command::Run(a) => job::run(RunOptions {
+            policy: a.policy,
+            policy_dir: a.policy_dir,
+            workspace: a.workspace,
+            cpu: a.cpu,
+            memory: a.memory,
+            pids: a.pids,
+            timeout: a.timeout,
+            env: a.env,
+            agent: a.agent,
+            model: a.model,
+            report: a.report,
+            allow_degraded: a.allow_degraded,
+            runtime_dir: a.runtime_dir,
+            cgroup_parent: a.cgroup_parent,
+            command: a.command,
+        }),
+        Command::Check { json, cgroup_parent } => check(json, cgroup_parent.as_deref()),
+    };
+    std::process::exit(code);
+}
+
+fn check(json: bool, cgroup_parent: Option<&str>) -> i32 {
+    let report = agentd::host::check_host(cgroup_parent);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    } else {
+        println!("kernel {}", report.kernel);
+        for p in &report.probes {
+            println!("{:<20} {:<4} {}", p.feature, if p.available { "yes" } else { "no" }, p.detail);
+        }
+    }
+    0
+}

@@ -1,0 +1,214 @@
+//! Parent side: the creation pipeline, in the order the kernel creates a task.
+//!
+//!   validate  → policy, flags and host features become a `JobPlan`; nothing exists yet
+//!   allocate  → job id, runtime directory, cgroup with limits (each undone on drop)
+//!   guards    → agentd's own interrupt signals are blocked and read from a signalfd,
+//!               so a Ctrl-C from here on goes through cleanup, never around it
+//!   publish   → the job's state file appears in the runtime directory
+//!   start     → clone3 into namespaces and cgroup, handshake, supervise
+//!
+//! A failure before start unwinds everything allocated so far (drop order does it); after
+//! start, cancellation is SIGTERM, a grace period, then SIGKILL of the job's init, which
+//! takes its whole pid namespace down.
+
+pub mod plan;
+pub mod report;
+pub mod spawn;
+pub mod supervise;
+
+pub use plan::RunOptions;
+
+use crate::cgroup::{self, CgroupLimits};
+use crate::Error;
+use report::{CgroupReport, Enforced, JobExit, JobReport, LandlockReport, PolicyRef, SeccompReport};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+/// Runs one job to completion; returns agentd's exit status.
+pub fn run(options: RunOptions) -> i32 {
+    match run_pipeline(options) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agentd: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// The runtime directory of one job; removed on drop.
+struct RuntimeDir {
+    dir: PathBuf,
+}
+
+impl RuntimeDir {
+    fn create(base: &Path, id: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let jobs = base.join("jobs");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&jobs)?;
+        let dir = jobs.join(id);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let rd = RuntimeDir { dir };
+        // The job's root is mounted here, in the job's mount namespace only.
+        std::fs::DirBuilder::new().mode(0o755).create(rd.root())?;
+        Ok(rd)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// Writes state.json atomically.
+    fn publish(&self, state: &serde_json::Value) -> std::io::Result<()> {
+        let tmp = self.dir.join("state.json.tmp");
+        std::fs::write(&tmp, state.to_string())?;
+        std::fs::rename(tmp, self.dir.join("state.json"))
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A random 12-hex-digit job id.
+fn new_job_id() -> String {
+    let mut bytes = [0u8; 6];
+    // SAFETY: getrandom writes at most 6 bytes into the local buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64 ^ u64::from(std::process::id());
+        bytes.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    crate::spec::hex(&bytes)
+}
+
+/// Test builds read AGENTD_FAULT to fail at a named pipeline step; release builds never do.
+fn injected_fault() -> Option<String> {
+    if cfg!(feature = "fault-injection") { std::env::var("AGENTD_FAULT").ok() } else { None }
+}
+
+fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
+    let fault = injected_fault();
+    let step_fault = |job: &str, step: &'static str| -> Result<(), Error> {
+        if fault.as_deref() == Some(step) {
+            return Err(Error::Pipeline { job: job.into(), step, message: "injected fault".into() });
+        }
+        Ok(())
+    };
+    let pipeline = |job: &str, step: &'static str| {
+        let job = job.to_owned();
+        move |e: std::io::Error| Error::Pipeline { job, step, message: e.to_string() }
+    };
+
+    // 1. validate
+    let mut plan = plan::validate(options)?;
+    plan.sandbox.fault = fault.clone();
+
+    // 2. allocate
+    let id = new_job_id();
+    let rundir = RuntimeDir::create(&plan.options.runtime_dir, &id).map_err(pipeline(&id, "create the runtime directory"))?;
+    plan.sandbox.root = rundir.root();
+    step_fault(&id, "after-runtime-dir")?;
+    let limits = CgroupLimits { cpu: plan.limits.cpu, memory: plan.limits.memory, pids: plan.limits.pids };
+    let mut cgroup = cgroup::create_job_cgroup(&plan.host_cgroups, plan.options.cgroup_parent.as_deref(), &format!("agentd-{id}"), &limits, &plan.skip_controllers)
+        .map_err(|source| Error::Cgroup { job: id.clone(), source })?;
+    step_fault(&id, "after-cgroup")?;
+    let workspace_tree = match (&plan.workspace, plan.ids.workspace_idmapped) {
+        (Some(ws), true) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline { job: id.clone(), step: "clone the workspace mount", message: e.to_string() })?),
+        _ => None,
+    };
+    plan.sandbox.workspace_tree = workspace_tree.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+
+    // 3. guards
+    let signals = supervise::SignalGuard::install().map_err(pipeline(&id, "install the signal guard"))?;
+    step_fault(&id, "after-guards")?;
+
+    // 4. publish
+    let started_at = SystemTime::now();
+    rundir
+        .publish(&serde_json::json!({
+            "job_id": id, "state": "starting", "agentd_pid": std::process::id(),
+            "policy": plan.policy.name, "command": plan.options.command,
+            "cgroup": cgroup.dirs(),
+        }))
+        .map_err(pipeline(&id, "publish the job state"))?;
+    step_fault(&id, "after-publish")?;
+
+    // 5. start — unless an interrupt arrived during setup.
+    if let Some(sig) = signals.next() {
+        eprintln!("agentd: job {id}: interrupted by signal {sig} before start; nothing ran");
+        return Ok(128 + sig);
+    }
+    let started = Instant::now();
+    let mut child = spawn::spawn(&plan.sandbox, cgroup.as_ref(), &plan.ids, fault.as_deref())
+        .map_err(|e| Error::Pipeline { job: id.clone(), step: "start the job", message: e.to_string() })?;
+    let outcome = supervise::supervise(&mut child, &signals, plan.limits.timeout, started);
+    let wall = started.elapsed();
+    drop(child);
+
+    // Exit: account, then remove the cgroup.
+    let usage = cgroup.usage();
+    let exit = JobExit::from_outcome(&outcome);
+    let cgroup_report = CgroupReport {
+        version: cgroup.version().into(),
+        dirs: cgroup.dirs().iter().map(|d| d.display().to_string()).collect(),
+        limits_applied: cgroup.applied().into_iter().collect(),
+    };
+    if let Err(e) = cgroup.remove() {
+        eprintln!("agentd: job {id}: warning: {e}");
+    }
+    if let Some(m) = exit.message() {
+        eprintln!("agentd: job {id}: {m}");
+    }
+    if outcome.timed_out {
+        eprintln!("agentd: job {id}: timed out after {:?}", plan.limits.timeout.unwrap_or_default());
+    }
+
+    if let Some(path) = &plan.options.report {
+        let landlock_enforced = !plan.degraded.iter().any(|d| d.feature == "landlock") || plan.landlock_abi > 0;
+        let report = JobReport {
+            job_id: id.clone(),
+            command: plan.options.command.clone(),
+            workspace: plan.workspace.as_ref().map(|w| w.display().to_string()),
+            policy: PolicyRef { name: plan.policy.name.clone(), source: plan.policy.source.clone(), sha256: plan.policy.sha256.clone() },
+            agent: plan.policy.identity.agent.clone(),
+            model: plan.policy.identity.model.clone(),
+            started_at_unix: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+            wall_time_sec: wall.as_secs_f64(),
+            exit: report::exit_report(&exit, outcome.timed_out),
+            limits: plan.limits.clone(),
+            usage,
+            signals_forwarded: outcome.forwarded.clone(),
+            enforced: Enforced {
+                namespaces: spawn::NAMESPACES.to_vec(),
+                cgroup: cgroup_report,
+                landlock: landlock_enforced.then(|| LandlockReport {
+                    abi: plan.landlock_abi,
+                    policy_min_abi: plan.policy.landlock_abi,
+                    rights_dropped_best_effort: plan.landlock_dropped.clone(),
+                    path_rules: plan.sandbox.landlock.paths.len(),
+                    tcp_bind: plan.policy.tcp_bind.clone(),
+                    tcp_connect: plan.policy.tcp_connect.clone(),
+                    scoped: if plan.landlock_abi >= 6 { vec!["abstract-unix-socket", "signal"] } else { vec![] },
+                }),
+                seccomp: SeccompReport {
+                    instructions: plan.sandbox.seccomp.instructions.len(),
+                    denied: plan.sandbox.seccomp.denied.clone(),
+                    sha256: plan.sandbox.seccomp.sha256.clone(),
+                    default_action: "allow",
+                    deny_action: "errno(EPERM); clone3 errno(ENOSYS)",
+                },
+                capabilities: Vec::new(),
+                no_new_privs: true,
+                user: plan.ids,
+                degraded: plan.degraded.clone(),
+            },
+        };
+        if let Err(e) = report::write_report(path, &report) {
+            eprintln!("agentd: job {id}: cannot write the report {}: {e}", path.display());
+            return Ok(125);
+        }
+    }
+    Ok(exit.code())
+}

@@ -1,0 +1,306 @@
+//! Validate: turn a policy, the command line's overrides and the host's features into a
+//! complete plan, or refuse. Nothing is created here.
+
+use crate::cgroup::{self, CgroupLimits, HostCgroups};
+use crate::sandbox::{seccomp, BindMount, LandlockPlan, SandboxPlan};
+use crate::sandbox::landlock_rights_dropped;
+use crate::spec::{self, Access, Policy, SpecError};
+use crate::Error;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// `nobody`: the job's host user when the workspace belongs to root or there is none.
+pub const NOBODY: u32 = 65534;
+
+/// Features a job may run without, if and only if `--allow-degraded` names them.
+pub const DEGRADABLE: &[&str] = &["landlock", "cgroup-cpu", "cgroup-memory", "cgroup-pids"];
+
+/// What the command line asks for.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub policy: String,
+    pub policy_dir: PathBuf,
+    pub workspace: Option<PathBuf>,
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+    pub pids: Option<String>,
+    pub timeout: Option<String>,
+    pub env: Vec<String>,
+    pub agent: Option<String>,
+    pub model: Option<String>,
+    pub report: Option<PathBuf>,
+    pub allow_degraded: Vec<String>,
+    pub runtime_dir: PathBuf,
+    pub cgroup_parent: Option<String>,
+    pub command: Vec<String>,
+}
+
+/// The ids the job runs under.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct JobIds {
+    /// The unprivileged host user the job is.
+    pub host_uid: u32,
+    pub host_gid: u32,
+    /// The same user as the job sees itself (inside its user namespace).
+    pub uid: u32,
+    pub gid: u32,
+    /// Whether the workspace is mounted idmapped, so the job owns it.
+    pub workspace_idmapped: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Degradation {
+    pub feature: String,
+    pub reason: String,
+}
+
+/// A validated job, ready to allocate.
+pub struct JobPlan {
+    pub policy: Policy,
+    pub options: RunOptions,
+    pub workspace: Option<PathBuf>,
+    pub ids: JobIds,
+    pub limits: spec::Limits,
+    pub host_cgroups: HostCgroups,
+    pub skip_controllers: Vec<&'static str>,
+    pub landlock_abi: u32,
+    pub landlock_dropped: Vec<String>,
+    pub degraded: Vec<Degradation>,
+    pub sandbox: SandboxPlan,
+}
+
+fn flag_err(flag: &str, message: impl Into<String>) -> Error {
+    Error::Spec(SpecError { origin: "command line".into(), line: None, key: flag.into(), message: message.into() })
+}
+
+pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
+    if options.command.is_empty() {
+        return Err(Error::Usage("no command given: agentd run [OPTIONS] -- COMMAND [ARGS...]".into()));
+    }
+    check_command(&options.command)?;
+    for feature in &options.allow_degraded {
+        if !DEGRADABLE.contains(&feature.as_str()) {
+            return Err(flag_err("--allow-degraded", format!("unknown feature \"{feature}\" (one of: {})", DEGRADABLE.join(", "))));
+        }
+    }
+    let mut policy = spec::load_policy(&options.policy, &options.policy_dir)?;
+    if let Some(a) = &options.agent {
+        policy.identity.agent = a.clone();
+    }
+    if let Some(m) = &options.model {
+        policy.identity.model = m.clone();
+    }
+
+    // Command-line limits override the policy's, with the same checks.
+    let mut limits = policy.limits.clone();
+    if let Some(v) = &options.cpu {
+        let cpu: f64 = v.parse().map_err(|_| flag_err("--cpu", format!("expected a number of CPUs like 0.5 or 2, got \"{v}\"")))?;
+        limits.cpu = Some(spec::check_cpu(cpu).map_err(|m| flag_err("--cpu", m))?);
+    }
+    if let Some(v) = &options.memory {
+        limits.memory = Some(spec::parse_size(v).and_then(spec::check_memory).map_err(|m| flag_err("--memory", m))?);
+    }
+    if let Some(v) = &options.pids {
+        let n: i64 = v.parse().map_err(|_| flag_err("--pids", format!("expected a number of processes, got \"{v}\"")))?;
+        limits.pids = Some(spec::check_pids(n).map_err(|m| flag_err("--pids", m))?);
+    }
+    if let Some(v) = &options.timeout {
+        limits.timeout = Some(spec::parse_duration(v).and_then(spec::check_timeout).map_err(|m| flag_err("--timeout", m))?);
+    }
+
+    let workspace = match &options.workspace {
+        None => None,
+        Some(w) => Some(validate_workspace(w)?),
+    };
+    if let Some(report) = &options.report {
+        let parent = report.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(flag_err("--report", format!("{} is not a directory, so the report could not be written", parent.display())));
+        }
+    }
+    let ids = resolve_ids(&policy, workspace.as_deref())?;
+    let env = build_env(&policy, &options, workspace.as_deref())?;
+
+    // Fail closed: what the policy needs and the kernel lacks is refused, unless the
+    // command line asked for exactly that downgrade.
+    let allowed = |f: &str| options.allow_degraded.iter().any(|a| a == f);
+    let mut degraded = Vec::new();
+    let landlock_abi = crate::host::landlock_abi();
+    if landlock_abi < policy.landlock_abi {
+        let reason = if landlock_abi == 0 {
+            format!("policy {} needs Landlock ABI {} and this kernel has no Landlock", policy.name, policy.landlock_abi)
+        } else {
+            format!("policy {} needs Landlock ABI {} and this kernel offers ABI {landlock_abi}", policy.name, policy.landlock_abi)
+        };
+        if !allowed("landlock") {
+            return Err(Error::Refused { feature: "landlock".into(), reason });
+        }
+        degraded.push(Degradation { feature: "landlock".into(), reason });
+    }
+    if !crate::host::seccomp_filter_available() {
+        // seccomp is never optional, so no --allow-degraded is suggested.
+        return Err(Error::Usage("refused: this kernel cannot install seccomp filters (CONFIG_SECCOMP_FILTER); agentd never runs a job without seccomp".into()));
+    }
+
+    let host_cgroups = HostCgroups::detect().map_err(|e| Error::Usage(format!("cannot find the host's cgroups: {e}")))?;
+    let cg_limits = CgroupLimits { cpu: limits.cpu, memory: limits.memory, pids: limits.pids };
+    let usable = cgroup::usable_controllers(&host_cgroups, options.cgroup_parent.as_deref());
+    let mut skip_controllers = Vec::new();
+    for controller in cgroup::required_controllers(&cg_limits) {
+        if usable.iter().any(|u| u == controller) {
+            continue;
+        }
+        let feature = format!("cgroup-{controller}");
+        let reason = format!("the {controller} controller is not available where agentd creates job cgroups, so the {controller} limit cannot be enforced");
+        if !allowed(&feature) {
+            return Err(Error::Refused { feature, reason });
+        }
+        degraded.push(Degradation { feature, reason });
+        skip_controllers.push(controller);
+    }
+
+    let sandbox = build_sandbox_plan(&policy, &options, workspace.as_deref(), &ids, env, &limits, !allowed("landlock"));
+    Ok(JobPlan {
+        landlock_dropped: landlock_rights_dropped(landlock_abi),
+        policy,
+        options,
+        workspace,
+        ids,
+        limits,
+        host_cgroups,
+        skip_controllers,
+        landlock_abi,
+        degraded,
+        sandbox,
+    })
+}
+
+fn validate_workspace(w: &Path) -> Result<PathBuf, Error> {
+    let shown = w.display();
+    let path = std::fs::canonicalize(w).map_err(|e| flag_err("--workspace", format!("{shown}: {}", describe_io(&e))))?;
+    if !path.is_dir() {
+        return Err(flag_err("--workspace", format!("{shown} is not a directory")));
+    }
+    if path == Path::new("/") || ["/proc", "/dev", "/sys"].iter().any(|p| path.starts_with(p)) {
+        return Err(flag_err("--workspace", format!("{} cannot be a workspace (the host's root or a kernel filesystem)", path.display())));
+    }
+    Ok(path)
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such directory".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// The job's host user: the policy's choice, else the workspace's owner, else nobody.
+/// Never root. Inside its namespace the job has the workspace owner's ids, so the
+/// workspace is its own; when those differ from the host user, the workspace is idmapped.
+fn resolve_ids(policy: &Policy, workspace: Option<&Path>) -> Result<JobIds, Error> {
+    let owner = match workspace {
+        Some(ws) => {
+            let m = std::fs::metadata(ws).map_err(|e| flag_err("--workspace", format!("{}: {e}", ws.display())))?;
+            Some((m.uid(), m.gid()))
+        }
+        None => None,
+    };
+    let host_uid = policy.uid.unwrap_or(match owner {
+        Some((uid, _)) if uid != 0 => uid,
+        _ => NOBODY,
+    });
+    let host_gid = policy.gid.unwrap_or(match owner {
+        Some((_, gid)) if gid != 0 => gid,
+        _ => NOBODY,
+    });
+    let (uid, gid) = owner.unwrap_or((host_uid, host_gid));
+    Ok(JobIds { host_uid, host_gid, uid, gid, workspace_idmapped: owner.is_some_and(|o| o != (host_uid, host_gid)) })
+}
+
+fn build_env(policy: &Policy, options: &RunOptions, workspace: Option<&Path>) -> Result<BTreeMap<String, String>, Error> {
+    let mut env = BTreeMap::new();
+    for name in &policy.env_pass {
+        if let Ok(v) = std::env::var(name) {
+            env.insert(name.clone(), v);
+        }
+    }
+    env.extend(policy.env_set.clone());
+    env.entry("HOME".into()).or_insert_with(|| workspace.map_or("/tmp".into(), |w| w.display().to_string()));
+    env.entry("PATH".into()).or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for item in &options.env {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+            None => (item.clone(), std::env::var(item).ok()),
+        };
+        let valid = !k.is_empty() && !k.starts_with(|c: char| c.is_ascii_digit()) && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid || v.as_deref().is_some_and(|v| v.contains('\0')) {
+            return Err(flag_err("--env", format!("\"{item}\" is not KEY=VALUE or the name of a variable to pass")));
+        }
+        if let Some(v) = v {
+            env.insert(k, v);
+        }
+    }
+    Ok(env)
+}
+
+fn cstring(bytes: &[u8], what: &str) -> Result<CString, Error> {
+    CString::new(bytes).map_err(|_| Error::Usage(format!("{what} contains a NUL byte")))
+}
+
+fn build_sandbox_plan(
+    policy: &Policy,
+    options: &RunOptions,
+    workspace: Option<&Path>,
+    ids: &JobIds,
+    env: BTreeMap<String, String>,
+    limits: &spec::Limits,
+    landlock_required: bool,
+) -> SandboxPlan {
+    use crate::sandbox::LandlockAccess as LA;
+    let binds: Vec<BindMount> = policy.filesystem.iter().map(|g| BindMount { path: g.path.clone(), access: g.access }).collect();
+    let mut paths: Vec<(PathBuf, LA)> = vec![
+        ("/".into(), LA::ListOnly),
+        ("/proc".into(), LA::Devices),
+        ("/dev".into(), LA::Devices),
+        ("/dev/pts".into(), LA::Devices),
+        ("/dev/shm".into(), LA::Policy(Access::Write)),
+        ("/tmp".into(), LA::Policy(Access::Write)),
+    ];
+    paths.extend(policy.filesystem.iter().map(|g| (g.path.clone(), LA::Policy(g.access))));
+    if let Some(ws) = workspace {
+        paths.push((ws.to_path_buf(), LA::Policy(Access::Write)));
+    }
+    let search_path = env.get("PATH").map(|p| p.split(':').filter(|d| d.starts_with('/')).map(PathBuf::from).collect()).unwrap_or_default();
+    let envp = env.iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect();
+    let argv = options.command.iter().filter_map(|a| cstring(a.as_bytes(), "an argument").ok()).collect();
+    SandboxPlan {
+        root: PathBuf::new(), // set by the allocate step
+        binds,
+        workspace: workspace.map(Path::to_path_buf),
+        workspace_tree: None,
+        hostname: policy.hostname.clone(),
+        uid: ids.uid,
+        gid: ids.gid,
+        cwd: workspace.map_or_else(|| PathBuf::from("/tmp"), Path::to_path_buf),
+        landlock: LandlockPlan { paths, tcp_bind: policy.tcp_bind.clone(), tcp_connect: policy.tcp_connect.clone(), required: landlock_required },
+        seccomp: seccomp::build(),
+        argv,
+        envp,
+        search_path,
+        tmp_size: limits.memory,
+        fault: None,
+    }
+}
+
+/// Rejects arguments with NUL bytes before anything is created.
+pub fn check_command(command: &[String]) -> Result<(), Error> {
+    for a in command {
+        cstring(a.as_bytes(), "the command")?;
+    }
+    if command.first().is_some_and(|c| c.is_empty()) {
+        return Err(Error::Usage("the command is an empty string".into()));
+    }
+    Ok(())
+}

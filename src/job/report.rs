@@ -1,0 +1,151 @@
+//! The job's JSON report: what ran, how it ended, what it used, what was enforced.
+
+use super::plan::{Degradation, JobIds};
+use super::supervise::Outcome;
+use crate::cgroup::Usage;
+use crate::sandbox::handshake::ChildMessage;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// How the job ended, from agentd's point of view.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobExit {
+    Exited(i32),
+    Signaled(i32),
+    SetupFailed { step: String, errno: i32 },
+    ExecFailed { command: String, errno: i32 },
+}
+
+impl JobExit {
+    pub fn from_outcome(o: &Outcome) -> JobExit {
+        for m in &o.messages {
+            match m {
+                ChildMessage::SetupFailed { step, errno } => return JobExit::SetupFailed { step: step.clone(), errno: *errno },
+                ChildMessage::ExecFailed { command, errno } => return JobExit::ExecFailed { command: command.clone(), errno: *errno },
+                ChildMessage::Exited { wait_status } => {
+                    let ws = *wait_status;
+                    return if libc::WIFSIGNALED(ws) { JobExit::Signaled(libc::WTERMSIG(ws)) } else { JobExit::Exited(libc::WEXITSTATUS(ws)) };
+                }
+            }
+        }
+        // Init ended without a word: it was killed (timeout's SIGKILL, OOM) or failed
+        // before it could say why.
+        match o.si_code {
+            libc::CLD_EXITED => JobExit::Exited(o.si_status),
+            _ => JobExit::Signaled(o.si_status),
+        }
+    }
+
+    /// agentd's exit status: the job's own, 128+N for signal N, 125 setup, 126/127 exec.
+    pub fn code(&self) -> i32 {
+        match self {
+            JobExit::Exited(c) => *c,
+            JobExit::Signaled(s) => 128 + s,
+            JobExit::SetupFailed { .. } => 125,
+            JobExit::ExecFailed { errno, .. } => if *errno == libc::ENOENT { 127 } else { 126 },
+        }
+    }
+
+    /// A one-line explanation for statuses 125-127.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            JobExit::SetupFailed { step, errno } => Some(format!("sandbox setup failed: {step}: {}", std::io::Error::from_raw_os_error(*errno))),
+            JobExit::ExecFailed { command, errno } if *errno == libc::ENOENT => Some(format!("command not found: {command}")),
+            JobExit::ExecFailed { command, errno } => Some(format!("cannot execute {command}: {}", std::io::Error::from_raw_os_error(*errno))),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct PolicyRef {
+    pub name: String,
+    pub source: String,
+    pub sha256: String,
+}
+
+#[derive(Serialize)]
+pub struct ExitReport {
+    pub status: i32,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct CgroupReport {
+    pub version: String,
+    pub dirs: Vec<String>,
+    pub limits_applied: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+pub struct LandlockReport {
+    /// The kernel's ABI, which is what was enforced.
+    pub abi: u32,
+    pub policy_min_abi: u32,
+    pub rights_dropped_best_effort: Vec<String>,
+    pub path_rules: usize,
+    pub tcp_bind: Vec<u16>,
+    pub tcp_connect: Vec<u16>,
+    pub scoped: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+pub struct SeccompReport {
+    pub instructions: usize,
+    pub denied: Vec<String>,
+    pub sha256: String,
+    pub default_action: &'static str,
+    pub deny_action: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct Enforced {
+    pub namespaces: Vec<&'static str>,
+    pub cgroup: CgroupReport,
+    pub landlock: Option<LandlockReport>,
+    pub seccomp: SeccompReport,
+    /// Capabilities the job holds in any set: always none.
+    pub capabilities: Vec<String>,
+    pub no_new_privs: bool,
+    pub user: JobIds,
+    pub degraded: Vec<Degradation>,
+}
+
+#[derive(Serialize)]
+pub struct JobReport {
+    pub job_id: String,
+    pub command: Vec<String>,
+    pub workspace: Option<String>,
+    pub policy: PolicyRef,
+    pub agent: String,
+    pub model: String,
+    pub started_at_unix: f64,
+    pub wall_time_sec: f64,
+    pub exit: ExitReport,
+    pub limits: crate::spec::Limits,
+    pub usage: Usage,
+    pub signals_forwarded: Vec<i32>,
+    pub enforced: Enforced,
+}
+
+pub fn exit_report(exit: &JobExit, timed_out: bool) -> ExitReport {
+    ExitReport {
+        status: exit.code(),
+        code: match exit { JobExit::Exited(c) => Some(*c), _ => None },
+        signal: match exit { JobExit::Signaled(s) => Some(*s), _ => None },
+        timed_out,
+        error: exit.message(),
+    }
+}
+
+/// Writes the report next to its final name, then renames, so a reader never sees half.
+pub fn write_report(path: &std::path::Path, report: &JobReport) -> std::io::Result<()> {
+    let mut text = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
+    text.push('\n');
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}

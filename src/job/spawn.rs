@@ -1,0 +1,184 @@
+//! Start: clone3 into the job's namespaces (and its cgroup), then the parent's half of
+//! the handshake (see `sandbox::handshake` for the numbered steps).
+
+use super::plan::JobIds;
+use crate::cgroup::JobCgroup;
+use crate::sandbox::{child_main, ChildPipes, SandboxPlan};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+/// The namespaces every job gets. (cgroup: unshared by the child once it is inside its
+/// cgroups, so that cgroup is its namespace root.)
+pub const NAMESPACES: &[&str] = &["user", "pid", "mount", "net", "ipc", "uts", "cgroup"];
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const OPEN_TREE_CLONE: u32 = 1;
+const OPEN_TREE_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+const AT_RECURSIVE: u32 = 0x8000;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A started job: its init's pid (in agentd's namespace), pidfd and status pipe.
+/// Dropping it before it was reaped kills and reaps it.
+pub struct Child {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub status: File,
+    pub reaped: bool,
+}
+
+impl Child {
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: pidfd_send_signal on our own child's pidfd; no siginfo.
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
+    }
+
+    /// Waits for the child; returns (si_code, si_status).
+    pub fn wait(&mut self) -> (i32, i32) {
+        loop {
+            // SAFETY: siginfo_t is plain data the kernel fills in.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid(P_PIDFD) on our child's pidfd.
+            let r = unsafe { libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+            if r == 0 {
+                self.reaped = true;
+                // SAFETY: for CLD_* codes si_status is the valid union member.
+                return (info.si_code, unsafe { info.si_status() });
+            }
+            if nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                self.reaped = true;
+                return (libc::CLD_KILLED, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.signal(libc::SIGKILL);
+            self.wait();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("{0}: {1}")]
+    Sys(&'static str, std::io::Error),
+    #[error("cannot idmap the workspace {path} for uid {uid}: {source} (its filesystem may not support idmapped mounts; make the workspace owned by the job's user or set user.uid in the policy)")]
+    Idmap { path: String, uid: u32, source: std::io::Error },
+    #[error("{0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("injected fault at {0}")]
+    Fault(&'static str),
+}
+
+fn last(what: &'static str) -> SpawnError {
+    SpawnError::Sys(what, std::io::Error::last_os_error())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(last("pipe2"));
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A detached clone of the workspace mount, to be idmapped once the job's user
+/// namespace exists. Opened before clone so the child inherits the fd.
+pub fn open_workspace_tree(workspace: &Path) -> Result<OwnedFd, SpawnError> {
+    let c = std::ffi::CString::new(workspace.as_os_str().as_encoded_bytes()).map_err(|_| SpawnError::Sys("workspace path", std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: open_tree with a valid path; returns a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE) };
+    if fd < 0 {
+        return Err(last("open_tree(workspace)"));
+    }
+    // SAFETY: fd is a fresh descriptor from open_tree.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+pub fn spawn(
+    plan: &SandboxPlan,
+    cgroup: &dyn JobCgroup,
+    ids: &JobIds,
+    fault: Option<&str>,
+) -> Result<Child, SpawnError> {
+    let (sync_read, sync_write) = pipe()?;
+    let (status_read, status_write) = pipe()?;
+
+    // Handshake 1: clone3 into new namespaces, born in the v2 cgroup where there is one.
+    let mut pidfd: RawFd = -1;
+    // SAFETY: clone_args is plain data; zero is the neutral value of every field.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64
+        | libc::CLONE_PIDFD as u64;
+    args.pidfd = &mut pidfd as *mut RawFd as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if let Some(fd) = cgroup.clone_into_fd() {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd as u64;
+    }
+    // SAFETY: agentd is single-threaded here, so the child (a copy of this process
+    // without CLONE_VM) may run ordinary Rust code; it never returns from child_main.
+    let pid = unsafe { libc::syscall(libc::SYS_clone3, &args as *const libc::clone_args, std::mem::size_of::<libc::clone_args>()) };
+    if pid == 0 {
+        drop(sync_write);
+        drop(status_read);
+        let pipes = ChildPipes { sync_read: sync_read.as_raw_fd(), status_write: status_write.as_raw_fd() };
+        std::mem::forget(sync_read);
+        std::mem::forget(status_write);
+        child_main(plan, pipes);
+    }
+    if pid < 0 {
+        return Err(last("clone3 into the job's namespaces"));
+    }
+    drop(sync_read);
+    drop(status_write);
+    let child = Child {
+        pid: pid as i32,
+        // SAFETY: the kernel stored a fresh pidfd for the child.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        status: File::from(status_read),
+        reaped: false,
+    };
+
+    // Handshake 2: v1 cgroups, id maps, idmapped workspace; then release the child.
+    // Any error drops `child` (killed and reaped) and `sync_write` (the child sees EOF).
+    cgroup.attach(child.pid)?;
+    std::fs::write(format!("/proc/{pid}/uid_map"), format!("{} {} 1\n", ids.uid, ids.host_uid)).map_err(|e| SpawnError::Sys("write uid_map", e))?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), format!("{} {} 1\n", ids.gid, ids.host_gid)).map_err(|e| SpawnError::Sys("write gid_map", e))?;
+    if let (Some(tree), Some(ws)) = (plan.workspace_tree, &plan.workspace) {
+        idmap(tree, child.pid).map_err(|source| SpawnError::Idmap { path: ws.display().to_string(), uid: ids.host_uid, source })?;
+    }
+    if fault == Some("after-clone") {
+        return Err(SpawnError::Fault("after-clone"));
+    }
+    // SAFETY: writing one byte from a static buffer to our pipe.
+    if unsafe { libc::write(sync_write.as_raw_fd(), b"1".as_ptr().cast(), 1) } != 1 {
+        return Err(last("release the child"));
+    }
+    Ok(child)
+}
+
+/// Attaches the job's user namespace to the detached workspace mount as its idmap.
+fn idmap(tree: RawFd, pid: i32) -> std::io::Result<()> {
+    let userns = File::open(format!("/proc/{pid}/ns/user"))?;
+    let attr = MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns.as_raw_fd() as u64 };
+    // SAFETY: tree is our open_tree fd, attr a valid mount_attr of the given size.
+    let r = unsafe {
+        libc::syscall(libc::SYS_mount_setattr, tree, c"".as_ptr(), libc::AT_EMPTY_PATH as u32 | AT_RECURSIVE, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}

@@ -1,0 +1,15 @@
+//! agentd: a Linux-native supervisor for AI agent jobs.
+//!
+//! Modules in the order a job passes through them: `spec` parses and validates the
+//! policy, `host` says what the kernel offers, `job` runs the creation pipeline
+//! (validate → allocate → guards → publish → start), `cgroup` holds the job's resources,
+//! `sandbox` is the child side between clone and execve.
+
+pub mod spec;
+pub mod host;
+pub mod cgroup;
+pub mod sandbox;
+pub mod job;
+pub mod error;
+
+pub use error::Error;
