@@ -26,13 +26,16 @@ pub struct CgroupV1 {
     applied: Vec<(String, String)>,
 }
 
-/// Hierarchies a job gets a directory in: the ones its limits need, plus accounting
-/// (cpuacct, memory, pids) and, without a cgroup2 tree, the freezer for kill and freeze.
+/// Hierarchies a job gets a directory in: the ones its limits need, memory always (peak
+/// and OOM kills for the report), and without a cgroup2 tree, cpuacct for CPU time and
+/// the freezer for kill and freeze. (On hybrid hosts the cgroup2 directory's cpu.stat
+/// counts CPU time, so cpuacct would only cost another migration.)
 fn wanted(controller: &str, limits: &CgroupLimits, layout: Layout) -> bool {
     match controller {
         "cpu" => limits.cpu.is_some(),
-        "cpuacct" | "memory" | "pids" => true,
-        "freezer" => layout == Layout::Legacy,
+        "pids" => limits.pids.is_some(),
+        "memory" => true,
+        "cpuacct" | "freezer" => layout == Layout::Legacy,
         _ => false,
     }
 }

@@ -154,9 +154,8 @@ pub fn spawn(
         reaped: false,
     };
 
-    // Handshake 2: v1 cgroups, id maps, idmapped workspace; then release the child.
+    // Handshake 2: id maps, idmapped workspace; then release the child to build its root.
     // Any error drops `child` (killed and reaped) and `sync_write` (the child sees EOF).
-    cgroup.attach(child.pid)?;
     std::fs::write(format!("/proc/{pid}/uid_map"), format!("{} {} 1\n", ids.uid, ids.host_uid)).map_err(|e| SpawnError::Sys("write uid_map", e))?;
     std::fs::write(format!("/proc/{pid}/gid_map"), format!("{} {} 1\n", ids.gid, ids.host_gid)).map_err(|e| SpawnError::Sys("write gid_map", e))?;
     if let (Some(tree), Some(ws)) = (plan.workspace_tree, &plan.workspace) {
@@ -165,11 +164,19 @@ pub fn spawn(
     if fault == Some("after-clone") {
         return Err(SpawnError::Fault("after-clone"));
     }
+    release(&sync_write)?;
+    // Handshake 3: the v1 cgroups, while the child works; then let it go on to exec.
+    cgroup.attach(child.pid)?;
+    release(&sync_write)?;
+    Ok(child)
+}
+
+fn release(sync_write: &OwnedFd) -> Result<(), SpawnError> {
     // SAFETY: writing one byte from a static buffer to our pipe.
     if unsafe { libc::write(sync_write.as_raw_fd(), b"1".as_ptr().cast(), 1) } != 1 {
         return Err(last("release the child"));
     }
-    Ok(child)
+    Ok(())
 }
 
 /// Attaches the job's user namespace to the detached workspace mount as its idmap.

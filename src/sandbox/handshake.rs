@@ -2,11 +2,14 @@
 //!
 //! 1. parent: clone3 into the namespaces (and the v2 cgroup); child blocks reading the
 //!    sync pipe.
-//! 2. parent: joins the child to the v1 cgroups, writes uid_map and gid_map, idmaps the
-//!    workspace mount, then writes one byte to the sync pipe. (EOF instead: the parent
-//!    failed, and the child exits without running anything.)
-//! 3. child (pid 1 of the job): builds the sandbox; any failure is written to the status
-//!    pipe as `SetupFailed` and the child exits.
+//! 2. parent: writes uid_map and gid_map, idmaps the workspace mount, then writes one
+//!    byte to the sync pipe. (EOF instead: the parent failed, and the child exits
+//!    without running anything.) The child builds its root meanwhile.
+//! 3. parent: joins the child to the v1 cgroups (each migration waits for an RCU grace
+//!    period, so it runs while the child works), then writes a second byte. The child
+//!    waits for it before it unshares its cgroup namespace and drops its capabilities;
+//!    any setup failure is written to the status pipe as `SetupFailed` and the child
+//!    exits.
 //! 4. child: forks the job's main process, which installs seccomp and execs; an exec
 //!    failure is written as `ExecFailed`.
 //! 5. child (init): when the main process ends, writes `Exited` with its wait status and

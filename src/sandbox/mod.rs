@@ -6,13 +6,15 @@
 //! `_exit`.
 //!
 //! Order, and why:
-//!  1. die with the parent, then wait for it (cgroups joined, id maps written);
-//!  2. cgroup namespace: the job sees its own cgroup as the root;
+//!  1. die with the parent, then wait for it to write the id maps;
+//!  2. (see 4)
 //!  3. mount namespace made private, then a fresh root: only the policy's paths, the
 //!     workspace, /proc, a minimal /dev, a private /tmp; pivot_root into it. Midway the
 //!     process becomes the job's uid/gid (an unprivileged host user, no supplementary
 //!     groups) with securebits locked, keeping its namespace capabilities to finish;
-//!  4. hostname and loopback in the job's own UTS and network namespaces;
+//!  4. hostname and loopback in the job's own UTS and network namespaces; then wait
+//!     until the parent has joined us to every cgroup (v1 needs a migration; v2 had us
+//!     born there), and unshare the cgroup namespace so its root is the job's cgroup;
 //!  5. every capability set cleared, no_new_privs;
 //!  6. Landlock: every right the kernel's ABI has, granted per path and port;
 //!  7. init: this process stays as pid 1 (reaps, forwards signals, reports the exit) and
@@ -103,6 +105,17 @@ pub fn child_main(plan: &SandboxPlan, pipes: ChildPipes) -> ! {
     }
 }
 
+/// Blocks until the parent writes one byte; exits quietly on EOF (the parent failed and
+/// reports that itself).
+fn wait_for_parent(sync_read: RawFd) {
+    let mut byte = [0u8; 1];
+    // SAFETY: reading one byte into a local buffer.
+    if unsafe { libc::read(sync_read, byte.as_mut_ptr().cast(), 1) } != 1 {
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(125) };
+    }
+}
+
 fn fault_point(plan: &SandboxPlan, step: &str) -> Result<(), SetupError> {
     if plan.fault.as_deref() == Some(step) {
         return Err(SetupError { step: format!("{step} (injected fault)"), errno: libc::EIO });
@@ -116,20 +129,10 @@ fn setup(plan: &SandboxPlan, pipes: &ChildPipes) -> Result<std::convert::Infalli
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
         return Err(fail("set the parent-death signal")(nix::errno::Errno::last()));
     }
-    // Handshake step 2: one byte means the parent has placed us in our cgroups and
-    // written our id maps; EOF means it gave up, and we must not run anything.
-    let mut byte = [0u8; 1];
-    // SAFETY: reading one byte into a local buffer.
-    if unsafe { libc::read(pipes.sync_read, byte.as_mut_ptr().cast(), 1) } != 1 {
-        // SAFETY: exit quietly; the parent already reports its own failure.
-        unsafe { libc::_exit(125) };
-    }
-    // SAFETY: closing our copy of a pipe fd we own.
-    unsafe { libc::close(pipes.sync_read) };
+    // Handshake step 2: one byte means the parent has written our id maps; EOF means
+    // it gave up, and we must not run anything.
+    wait_for_parent(pipes.sync_read);
     fault_point(plan, "after-handshake")?;
-
-    // 2. A cgroup namespace rooted at the job's cgroup, now that we are inside it.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(fail("create the cgroup namespace"))?;
 
     // 3. The filesystem view: an empty root, then (as the job's user, so what is
     //    created there is owned by an id the namespace maps) its contents, then pivot.
@@ -141,6 +144,14 @@ fn setup(plan: &SandboxPlan, pipes: &ChildPipes) -> Result<std::convert::Infalli
     // 4. Hostname and loopback: the job's UTS and network namespaces start bare.
     nix::unistd::sethostname(&plan.hostname).map_err(fail("set the hostname"))?;
     mounts::loopback_up()?;
+
+    // Handshake step 3: the parent joined us to the v1 cgroups meanwhile (a migration
+    // costs an RCU grace period, so it overlaps the work above). No job code has run.
+    wait_for_parent(pipes.sync_read);
+    // SAFETY: closing our copy of a pipe fd we own.
+    unsafe { libc::close(pipes.sync_read) };
+    // A cgroup namespace rooted at the job's cgroup, now that we are inside all of them.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(fail("create the cgroup namespace"))?;
 
     // 5. No capability survives this; no execve can grant one again.
     identity::drop_capabilities()?;
