@@ -85,7 +85,7 @@ struct RunArgs {
     #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
     cgroup_parent: Option<String>,
     /// The command and its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 

@@ -1,0 +1,145 @@
+//! Shared helpers for the integration tests: they run the real `agentd` binary as root
+//! on the real kernel and assert from inside the job.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
+
+/// Fails (never skips) when a test cannot do its job without root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "agentd's integration tests create namespaces and cgroups and must run as root (euid is {euid})");
+}
+
+/// A test's private runtime directory and scratch space, removed on drop.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        require_root();
+        Env { dir: tempfile::Builder::new().prefix("agentd-test-").tempdir().expect("create a temp dir") }
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// A fresh directory for use as a workspace, owned by `owner` (uid, gid).
+    pub fn workspace(&self, name: &str, owner: Option<(u32, u32)>) -> PathBuf {
+        let ws = self.dir.path().join(name);
+        std::fs::create_dir_all(&ws).unwrap();
+        if let Some((u, g)) = owner {
+            std::os::unix::fs::chown(&ws, Some(u), Some(g)).unwrap();
+        }
+        ws
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `agentd run ARGS...` with this test's runtime directory.
+    pub fn agentd(&self, args: &[&str]) -> Output {
+        let out = Command::new(AGENTD)
+            .args(args)
+            .env("AGENTD_RUNTIME_DIR", self.runtime_dir())
+            .env("AGENTD_POLICY_DIR", self.dir.path().join("policies"))
+            .env_remove("AGENTD_FAULT")
+            .output()
+            .expect("run agentd");
+        self.assert_clean();
+        out
+    }
+
+    pub fn agentd_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(AGENTD);
+        cmd.args(args).env("AGENTD_RUNTIME_DIR", self.runtime_dir()).env("AGENTD_POLICY_DIR", self.dir.path().join("policies"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run agentd");
+        self.assert_clean();
+        out
+    }
+
+    /// `agentd run [extra...] -- sh -c SCRIPT`.
+    pub fn sh(&self, extra: &[&str], script: &str) -> Output {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", script]);
+        self.agentd(&args)
+    }
+
+    /// Writes a policy file and returns its path.
+    pub fn policy(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(&format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// No job directory may outlive `agentd run`.
+    pub fn assert_clean(&self) {
+        let jobs = self.runtime_dir().join("jobs");
+        if let Ok(entries) = std::fs::read_dir(&jobs) {
+            let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            assert!(left.is_empty(), "runtime directories left behind: {left:?}");
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// Asserts the job ran and exited 0, showing its output otherwise.
+pub fn assert_ok(o: &Output) {
+    assert_eq!(code(o), 0, "job failed\nstdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+}
+
+/// The job id agentd names in its messages ("job 0123456789ab: ...").
+pub fn job_id_in(text: &str) -> Option<String> {
+    let i = text.find("job ")?;
+    let id: String = text[i + 4..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    (id.len() == 12).then_some(id)
+}
+
+/// Every cgroup directory named for this job, in any hierarchy.
+pub fn cgroups_of(job: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let name = format!("agentd-{job}");
+    fn walk(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
+        if depth > 6 {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                if p.file_name().is_some_and(|n| n == std::ffi::OsStr::new(name)) {
+                    found.push(p.clone());
+                }
+                walk(&p, name, depth + 1, found);
+            }
+        }
+    }
+    walk(Path::new("/sys/fs/cgroup"), &name, 0, &mut found);
+    found
+}
+
+pub fn report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read report {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("report is JSON")
+}
