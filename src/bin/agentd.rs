@@ -51,13 +51,13 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     workspace: Option<PathBuf>,
     /// CPU limit in CPUs, fractions allowed (0.5 = half a CPU). Overrides the policy.
-    #[arg(long, value_name = "CPUS")]
+    #[arg(long, value_name = "CPUS", allow_negative_numbers = true)]
     cpu: Option<String>,
     /// Memory limit, e.g. 512M or 2G. Overrides the policy.
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
     /// Limit on processes and threads. Overrides the policy.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pids: Option<String>,
     /// Wall-clock limit, e.g. 30s, 10m, 1h; then SIGTERM and, 5 s later, SIGKILL.
     #[arg(long, value_name = "DURATION")]

@@ -164,19 +164,27 @@ pub fn spawn(
     if fault == Some("after-clone") {
         return Err(SpawnError::Fault("after-clone"));
     }
-    release(&sync_write)?;
+    // A child that already failed its setup has closed its end (EPIPE): return it, so
+    // the supervisor collects its own account of what failed.
+    if !release(&sync_write)? {
+        return Ok(child);
+    }
     // Handshake 3: the v1 cgroups, while the child works; then let it go on to exec.
     cgroup.attach(child.pid)?;
     release(&sync_write)?;
     Ok(child)
 }
 
-fn release(sync_write: &OwnedFd) -> Result<(), SpawnError> {
+/// Writes one byte to the child; false if it is already gone.
+fn release(sync_write: &OwnedFd) -> Result<bool, SpawnError> {
     // SAFETY: writing one byte from a static buffer to our pipe.
-    if unsafe { libc::write(sync_write.as_raw_fd(), b"1".as_ptr().cast(), 1) } != 1 {
-        return Err(last("release the child"));
+    if unsafe { libc::write(sync_write.as_raw_fd(), b"1".as_ptr().cast(), 1) } == 1 {
+        return Ok(true);
     }
-    Ok(())
+    match nix::errno::Errno::last() {
+        nix::errno::Errno::EPIPE => Ok(false),
+        _ => Err(last("release the child")),
+    }
 }
 
 /// Attaches the job's user namespace to the detached workspace mount as its idmap.
