@@ -20,7 +20,11 @@ pub enum Error {
     Cgroup { job: String, source: CgroupError },
     /// A step of the creation pipeline failed.
     #[error("job {job}: {step}: {message}")]
-    Pipeline { job: String, step: &'static str, message: String },
+    Pipeline {
+        job: String,
+        step: &'static str,
+        message: String,
+    },
 }
 
 impl Error {

@@ -5,11 +5,11 @@
 //! (validate → allocate → guards → publish → start), `cgroup` holds the job's resources,
 //! `sandbox` is the child side between clone and execve.
 
-pub mod spec;
-pub mod host;
 pub mod cgroup;
-pub mod sandbox;
-pub mod job;
 pub mod error;
+pub mod host;
+pub mod job;
+pub mod sandbox;
+pub mod spec;
 
 pub use error::Error;

@@ -7,8 +7,20 @@ use common::*;
 fn build_and_run_a_c_program_in_the_workspace() {
     let env = Env::new();
     let ws = env.workspace("ws", None);
-    std::fs::write(ws.join("hello.c"), "#include <stdio.h>\nint main(void){puts(\"hello from cc\");return 0;}\n").unwrap();
-    let out = env.sh(&["--workspace", ws.to_str().unwrap(), "--policy", "ci-coding-agent"], "cc -O1 -o hello hello.c && ./hello");
+    std::fs::write(
+        ws.join("hello.c"),
+        "#include <stdio.h>\nint main(void){puts(\"hello from cc\");return 0;}\n",
+    )
+    .unwrap();
+    let out = env.sh(
+        &[
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--policy",
+            "ci-coding-agent",
+        ],
+        "cc -O1 -o hello hello.c && ./hello",
+    );
     assert_ok(&out);
     assert_eq!(stdout(&out), "hello from cc\n");
     // The build output belongs to the workspace's owner on the host (root here, via the
@@ -22,7 +34,15 @@ fn workspace_owned_by_a_user_runs_as_that_user() {
     let env = Env::new();
     let ws = env.workspace("ws", Some((1000, 1000)));
     let report_path = env.path("r.json");
-    let out = env.sh(&["--workspace", ws.to_str().unwrap(), "--report", report_path.to_str().unwrap()], "id -u; pwd; echo data > out.txt");
+    let out = env.sh(
+        &[
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+        "id -u; pwd; echo data > out.txt",
+    );
     assert_ok(&out);
     assert_eq!(stdout(&out), format!("1000\n{}\n", ws.display()));
     let meta = std::fs::metadata(ws.join("out.txt")).unwrap();
@@ -36,8 +56,16 @@ fn workspace_owned_by_a_user_runs_as_that_user() {
 fn threads_pipes_shell_script_and_python() {
     let env = Env::new();
     let ws = env.workspace("ws", None);
-    std::fs::write(ws.join("script.sh"), "#!/bin/sh\nprintf 'one\\ntwo\\nthree\\n' | grep t | tr a-z A-Z | sort\n").unwrap();
-    std::fs::set_permissions(ws.join("script.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        ws.join("script.sh"),
+        "#!/bin/sh\nprintf 'one\\ntwo\\nthree\\n' | grep t | tr a-z A-Z | sort\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        ws.join("script.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let out = env.sh(&["--workspace", ws.to_str().unwrap()], "./script.sh");
     assert_ok(&out);
     assert_eq!(stdout(&out), "THREE\nTWO\n");
@@ -51,11 +79,23 @@ fn threads_pipes_shell_script_and_python() {
 #[test]
 fn environment_is_built_from_policy_and_flags() {
     let env = Env::new();
-    let out = env.agentd_with_env(&["run", "--env", "FOO=bar", "--env", "PASSME", "--", "env"], &[("PASSME", "yes"), ("SECRET_TOKEN", "leak")]);
+    let out = env.agentd_with_env(
+        &["run", "--env", "FOO=bar", "--env", "PASSME", "--", "env"],
+        &[("PASSME", "yes"), ("SECRET_TOKEN", "leak")],
+    );
     assert_ok(&out);
     let s = stdout(&out);
-    assert!(s.contains("FOO=bar\n") && s.contains("PASSME=yes\n") && s.contains("HOME=/tmp\n") && s.contains("PATH=/usr/local/bin"), "{s}");
-    assert!(!s.contains("SECRET_TOKEN"), "agentd's environment leaked into the job: {s}");
+    assert!(
+        s.contains("FOO=bar\n")
+            && s.contains("PASSME=yes\n")
+            && s.contains("HOME=/tmp\n")
+            && s.contains("PATH=/usr/local/bin"),
+        "{s}"
+    );
+    assert!(
+        !s.contains("SECRET_TOKEN"),
+        "agentd's environment leaked into the job: {s}"
+    );
 }
 
 #[test]
@@ -66,7 +106,10 @@ fn hostname_dev_and_tmp_are_the_jobs_own() {
     let s = stdout(&out);
     let lines: Vec<&str> = s.lines().collect();
     assert_eq!(lines[0], "agentd");
-    assert_eq!(lines[1].trim(), "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero");
+    assert_eq!(
+        lines[1].trim(),
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+    );
     assert_eq!(lines[2], "4");
     assert_eq!(lines[3], "tmpfs");
     assert_eq!(lines[4], "DEV-RO");
@@ -76,7 +119,15 @@ fn hostname_dev_and_tmp_are_the_jobs_own() {
 fn loopback_works_inside_the_job() {
     let env = Env::new();
     let py = "import socket\ns=socket.socket(); s.bind(('127.0.0.1', 8080)); s.listen()\nc=socket.create_connection(('127.0.0.1', 8080)); a,_=s.accept(); c.sendall(b'ping'); print(a.recv(4).decode())";
-    let out = env.agentd(&["run", "--policy", "ci-coding-agent", "--", "python3", "-c", py]);
+    let out = env.agentd(&[
+        "run",
+        "--policy",
+        "ci-coding-agent",
+        "--",
+        "python3",
+        "-c",
+        py,
+    ]);
     assert_ok(&out);
     assert_eq!(stdout(&out), "ping\n");
 }

@@ -11,11 +11,29 @@ fn refused(env: &Env, args: &[&str]) -> String {
         full.extend_from_slice(&["--", "/bin/true"]);
     }
     let out = env.agentd(&full);
-    assert_eq!(code(&out), 125, "expected 125 for {args:?}\nstderr: {}", stderr(&out));
+    assert_eq!(
+        code(&out),
+        125,
+        "expected 125 for {args:?}\nstderr: {}",
+        stderr(&out)
+    );
     let err = stderr(&out);
-    assert!(err.starts_with("agentd: "), "message should start with 'agentd: ': {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
-    assert!(!env.runtime_dir().join("jobs").exists() || std::fs::read_dir(env.runtime_dir().join("jobs")).unwrap().next().is_none());
+    assert!(
+        err.starts_with("agentd: "),
+        "message should start with 'agentd: ': {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(
+        !env.runtime_dir().join("jobs").exists()
+            || std::fs::read_dir(env.runtime_dir().join("jobs"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
     err
 }
 
@@ -30,41 +48,96 @@ fn policy_error(text: &str, line: usize, key: &str, words: &str) {
 
 #[test]
 fn unknown_key() {
-    policy_error("[limits]\ncpu = 1\nmemroy = \"1G\"\n", 3, "memroy", "unknown field");
+    policy_error(
+        "[limits]\ncpu = 1\nmemroy = \"1G\"\n",
+        3,
+        "memroy",
+        "unknown field",
+    );
 }
 
 #[test]
 fn unknown_table() {
-    policy_error("name = \"x\"\n\n[limit]\ncpu = 1\n", 3, "limit", "unknown field");
+    policy_error(
+        "name = \"x\"\n\n[limit]\ncpu = 1\n",
+        3,
+        "limit",
+        "unknown field",
+    );
 }
 
 #[test]
 fn wrong_type() {
     policy_error("[limits]\npids = \"many\"\n", 2, "syntax", "invalid type");
-    policy_error("[filesystem]\nread = \"/usr\"\n", 2, "syntax", "invalid type");
+    policy_error(
+        "[filesystem]\nread = \"/usr\"\n",
+        2,
+        "syntax",
+        "invalid type",
+    );
 }
 
 #[test]
 fn relative_path() {
-    policy_error("[filesystem]\nexec = [\"usr/bin\"]\n", 2, "filesystem.exec", "relative");
+    policy_error(
+        "[filesystem]\nexec = [\"usr/bin\"]\n",
+        2,
+        "filesystem.exec",
+        "relative",
+    );
 }
 
 #[test]
 fn nonexistent_path() {
-    policy_error("[filesystem]\nread = [\n  \"/usr\",\n  \"/nonexistent/agentd\",\n]\n", 4, "filesystem.read", "does not exist");
+    policy_error(
+        "[filesystem]\nread = [\n  \"/usr\",\n  \"/nonexistent/agentd\",\n]\n",
+        4,
+        "filesystem.read",
+        "does not exist",
+    );
 }
 
 #[test]
 fn impossible_limits() {
     policy_error("[limits]\ncpu = 0\n", 2, "limits.cpu", "not a usable limit");
     policy_error("[limits]\ncpu = 4096\n", 2, "limits.cpu", "exceeds");
-    policy_error("[limits]\nmemory = \"1K\"\n", 2, "limits.memory", "too little");
-    policy_error("[limits]\nmemory = \"lots\"\n", 2, "limits.memory", "expected a size");
+    policy_error(
+        "[limits]\nmemory = \"1K\"\n",
+        2,
+        "limits.memory",
+        "too little",
+    );
+    policy_error(
+        "[limits]\nmemory = \"lots\"\n",
+        2,
+        "limits.memory",
+        "expected a size",
+    );
     policy_error("[limits]\npids = 1\n", 2, "limits.pids", "too few");
-    policy_error("[limits]\ntimeout = \"0s\"\n", 2, "limits.timeout", "timeout of 0");
-    policy_error("[limits]\ntimeout = \"soon\"\n", 2, "limits.timeout", "duration");
-    policy_error("[network]\ntcp_bind = [70000]\n", 2, "network.tcp_bind", "not a TCP port");
-    policy_error("[user]\nuid = 0\n", 2, "user.uid", "never runs as host root");
+    policy_error(
+        "[limits]\ntimeout = \"0s\"\n",
+        2,
+        "limits.timeout",
+        "timeout of 0",
+    );
+    policy_error(
+        "[limits]\ntimeout = \"soon\"\n",
+        2,
+        "limits.timeout",
+        "duration",
+    );
+    policy_error(
+        "[network]\ntcp_bind = [70000]\n",
+        2,
+        "network.tcp_bind",
+        "not a TCP port",
+    );
+    policy_error(
+        "[user]\nuid = 0\n",
+        2,
+        "user.uid",
+        "never runs as host root",
+    );
 }
 
 #[test]
@@ -82,8 +155,14 @@ fn bad_flags() {
         ("--allow-degraded", "everything", "unknown feature"),
     ] {
         let err = refused(&env, &[flag, value]);
-        assert!(err.contains(&format!("command line: {flag}:")), "{flag}: {err}");
-        assert!(err.contains(words), "{flag} {value}: expected '{words}' in {err}");
+        assert!(
+            err.contains(&format!("command line: {flag}:")),
+            "{flag}: {err}"
+        );
+        assert!(
+            err.contains(words),
+            "{flag} {value}: expected '{words}' in {err}"
+        );
     }
 }
 
@@ -91,7 +170,10 @@ fn bad_flags() {
 fn missing_workspace() {
     let env = Env::new();
     let err = refused(&env, &["--workspace", "/nonexistent/agentd-ws"]);
-    assert!(err.contains("--workspace") && err.contains("no such directory"), "{err}");
+    assert!(
+        err.contains("--workspace") && err.contains("no such directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -107,14 +189,21 @@ fn workspace_is_a_file() {
 fn unknown_policy_name() {
     let env = Env::new();
     let err = refused(&env, &["--policy", "no-such-policy"]);
-    assert!(err.contains("no policy named \"no-such-policy\"") && err.contains("default, ci-coding-agent, offline-build"), "{err}");
+    assert!(
+        err.contains("no policy named \"no-such-policy\"")
+            && err.contains("default, ci-coding-agent, offline-build"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unreadable_policy_file() {
     let env = Env::new();
     let err = refused(&env, &["--policy", "/nonexistent/p.toml"]);
-    assert!(err.contains("/nonexistent/p.toml") && err.contains("cannot read the policy file"), "{err}");
+    assert!(
+        err.contains("/nonexistent/p.toml") && err.contains("cannot read the policy file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -139,7 +228,14 @@ fn report_directory_missing() {
 fn operator_policy_dir_takes_precedence_and_is_validated() {
     let env = Env::new();
     std::fs::create_dir_all(env.path("policies")).unwrap();
-    std::fs::write(env.path("policies/default.toml"), "[sandbox]\nhostname = \"bad host\"\n").unwrap();
+    std::fs::write(
+        env.path("policies/default.toml"),
+        "[sandbox]\nhostname = \"bad host\"\n",
+    )
+    .unwrap();
     let err = refused(&env, &[]);
-    assert!(err.contains("policies/default.toml:2: sandbox.hostname:"), "{err}");
+    assert!(
+        err.contains("policies/default.toml:2: sandbox.hostname:"),
+        "{err}"
+    );
 }

@@ -2,7 +2,7 @@
 //! freeze, events) on the unified tree of a hybrid host (or the whole tree on a v2 host).
 
 mod common;
-use agentd::cgroup::{create_job_cgroup, CgroupLimits, HostCgroups, Layout};
+use agentd::cgroup::{CgroupLimits, HostCgroups, Layout, create_job_cgroup};
 use common::*;
 use std::process::Command;
 
@@ -19,14 +19,22 @@ fn limits_freeze_thaw_kill_and_removal() {
     require_root();
     let host = HostCgroups::detect().unwrap();
     let name = format!("agentd-test-{}", std::process::id());
-    let limits = CgroupLimits { cpu: Some(0.25), memory: Some(64 << 20), pids: Some(10) };
+    let limits = CgroupLimits {
+        cpu: Some(0.25),
+        memory: Some(64 << 20),
+        pids: Some(10),
+    };
     let mut cg = create_job_cgroup(&host, None, &name, &limits, &[]).unwrap();
     let dirs = cg.dirs();
     assert!(dirs.iter().all(|d| d.is_dir()));
 
     // The limits are in the kernel's files.
     let applied: std::collections::BTreeMap<_, _> = cg.applied().into_iter().collect();
-    let read = |file: &str| dirs.iter().find_map(|d| std::fs::read_to_string(d.join(file)).ok()).map(|s| s.trim().to_owned());
+    let read = |file: &str| {
+        dirs.iter()
+            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .map(|s| s.trim().to_owned())
+    };
     match host.layout {
         Layout::Unified => {
             assert_eq!(read("cpu.max").unwrap(), "25000 100000");
@@ -35,7 +43,10 @@ fn limits_freeze_thaw_kill_and_removal() {
         _ => {
             assert_eq!(read("cpu.cfs_quota_us").unwrap(), "25000");
             assert_eq!(read("cpu.cfs_period_us").unwrap(), "100000");
-            assert_eq!(read("memory.limit_in_bytes").unwrap(), (64u64 << 20).to_string());
+            assert_eq!(
+                read("memory.limit_in_bytes").unwrap(),
+                (64u64 << 20).to_string()
+            );
             assert_eq!(applied["cpu.cfs_quota_us"], "25000");
         }
     }
@@ -55,9 +66,15 @@ fn limits_freeze_thaw_kill_and_removal() {
     // Kill: every task dies, and the cgroup empties.
     cg.kill().unwrap();
     let status = sleeper.wait().unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
     cg.remove().unwrap();
-    assert!(dirs.iter().all(|d| !d.exists()), "cgroup directories left: {dirs:?}");
+    assert!(
+        dirs.iter().all(|d| !d.exists()),
+        "cgroup directories left: {dirs:?}"
+    );
 }
 
 #[test]
@@ -65,7 +82,17 @@ fn dropping_a_cgroup_with_tasks_kills_them_and_removes_it() {
     require_root();
     let host = HostCgroups::detect().unwrap();
     let name = format!("agentd-test-drop-{}", std::process::id());
-    let cg = create_job_cgroup(&host, None, &name, &CgroupLimits { pids: Some(5), ..Default::default() }, &[]).unwrap();
+    let cg = create_job_cgroup(
+        &host,
+        None,
+        &name,
+        &CgroupLimits {
+            pids: Some(5),
+            ..Default::default()
+        },
+        &[],
+    )
+    .unwrap();
     let dirs = cg.dirs();
     let mut sleeper = spawn_sleeper_in(&dirs);
     drop(cg);
@@ -77,9 +104,18 @@ fn dropping_a_cgroup_with_tasks_kills_them_and_removes_it() {
 fn missing_parent_is_a_clear_error_and_creates_nothing() {
     require_root();
     let host = HostCgroups::detect().unwrap();
-    let err = match create_job_cgroup(&host, Some("/no-such-agentd-parent"), "agentd-x", &CgroupLimits::default(), &[]) {
+    let err = match create_job_cgroup(
+        &host,
+        Some("/no-such-agentd-parent"),
+        "agentd-x",
+        &CgroupLimits::default(),
+        &[],
+    ) {
         Ok(_) => panic!("created a cgroup below a missing parent"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("/no-such-agentd-parent") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/no-such-agentd-parent") && err.contains("does not exist"),
+        "{err}"
+    );
 }

@@ -21,7 +21,10 @@ fn writes_outside_workspace_and_tmp_are_denied() {
     assert!(!s.contains("WROTE"), "{s}");
     assert!(s.contains("ALLOWED-OK"), "{s}");
     assert!(ws.join("in-workspace").exists());
-    assert!(!std::path::Path::new("/usr/agentd-x").exists() && !std::path::Path::new("/etc/agentd-x").exists());
+    assert!(
+        !std::path::Path::new("/usr/agentd-x").exists()
+            && !std::path::Path::new("/etc/agentd-x").exists()
+    );
 }
 
 #[test]
@@ -31,21 +34,36 @@ fn etc_shadow_is_unreadable_even_when_etc_is_granted() {
     let out = env.sh(&["--policy", p.to_str().unwrap()], "test -e /etc/shadow && echo SHADOW-PRESENT; cat /etc/shadow >/dev/null 2>&1 && echo READ-SHADOW; cat /etc/passwd >/dev/null && echo READ-PASSWD");
     assert_ok(&out);
     let s = stdout(&out);
-    assert!(s.contains("SHADOW-PRESENT") && s.contains("READ-PASSWD"), "{s}");
+    assert!(
+        s.contains("SHADOW-PRESENT") && s.contains("READ-PASSWD"),
+        "{s}"
+    );
     assert!(!s.contains("READ-SHADOW"), "job read /etc/shadow: {s}");
 }
 
 #[test]
 fn host_processes_are_invisible_and_unsignalable() {
     let env = Env::new();
-    let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let mut victim = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
     let pid = victim.id();
     let out = env.sh(&[], &format!("ls /proc | grep -c '^[0-9]'; kill -0 {pid} 2>/dev/null && echo SEES-HOST; kill -TERM {pid} 2>/dev/null && echo SIGNALLED; kill -TERM -1 2>/dev/null; echo done"));
     let s = stdout(&out);
-    let visible: usize = s.lines().next().unwrap_or("99").trim().parse().unwrap_or(99);
+    let visible: usize = s
+        .lines()
+        .next()
+        .unwrap_or("99")
+        .trim()
+        .parse()
+        .unwrap_or(99);
     assert!(visible <= 4, "job sees {visible} processes:\n{s}");
     assert!(!s.contains("SEES-HOST") && !s.contains("SIGNALLED"), "{s}");
-    assert!(victim.try_wait().unwrap().is_none(), "the host process was killed");
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "the host process was killed"
+    );
     victim.kill().unwrap();
     victim.wait().unwrap();
 }
@@ -60,13 +78,19 @@ fn host_loopback_tcp_listener_is_unreachable() {
         "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('CONNECTED')\nexcept OSError as e:\n    print('REFUSED', e.errno)\n")]);
     assert_ok(&out);
     assert!(stdout(&out).contains("REFUSED"), "{}", stdout(&out));
-    assert!(listener.accept().is_err(), "the host listener got a connection");
+    assert!(
+        listener.accept().is_err(),
+        "the host listener got a connection"
+    );
 }
 
 #[test]
 fn mounting_is_denied() {
     let env = Env::new();
-    let out = env.sh(&[], "mount -t tmpfs none /tmp 2>&1; echo rc=$?; mount --bind /usr /tmp 2>&1; echo rc=$?");
+    let out = env.sh(
+        &[],
+        "mount -t tmpfs none /tmp 2>&1; echo rc=$?; mount --bind /usr /tmp 2>&1; echo rc=$?",
+    );
     let s = stdout(&out);
     assert!(s.matches("rc=0").count() == 0, "a mount succeeded: {s}");
     assert!(s.contains("rc=32") || s.contains("rc=1"), "{s}");
@@ -78,10 +102,16 @@ fn mounting_is_denied() {
 #[test]
 fn creating_a_user_namespace_is_denied() {
     let env = Env::new();
-    let out = env.sh(&[], "unshare -U true 2>&1; echo rc=$?; unshare -r -n true 2>&1; echo rc=$?");
+    let out = env.sh(
+        &[],
+        "unshare -U true 2>&1; echo rc=$?; unshare -r -n true 2>&1; echo rc=$?",
+    );
     let s = stdout(&out);
     assert!(!s.contains("rc=0"), "{s}");
-    assert!(s.contains("Operation not permitted") || s.contains("Function not implemented"), "{s}");
+    assert!(
+        s.contains("Operation not permitted") || s.contains("Function not implemented"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -95,10 +125,18 @@ fn loading_a_bpf_program_is_denied() {
 #[test]
 fn ptrace_of_a_process_outside_the_job_is_denied() {
     let env = Env::new();
-    let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let mut victim = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
     let out = env.agentd(&["run", "--", "python3", "-c", &format!(
         "import ctypes\nlibc=ctypes.CDLL(None,use_errno=True)\nr=libc.ptrace(16, {}, 0, 0)\nprint(r, ctypes.get_errno())", victim.id())]);
-    assert_eq!(stdout(&out).trim(), "-1 1", "PTRACE_ATTACH: {}", stdout(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "-1 1",
+        "PTRACE_ATTACH: {}",
+        stdout(&out)
+    );
     victim.kill().unwrap();
     victim.wait().unwrap();
 }
@@ -111,7 +149,10 @@ fn setuid_binary_gains_nothing() {
     std::fs::copy("/usr/bin/id", &suid).unwrap();
     std::os::unix::fs::chown(&suid, Some(0), Some(0)).unwrap();
     std::fs::set_permissions(&suid, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
-    let out = env.sh(&["--workspace", ws.to_str().unwrap()], "./suid-id -u; ./suid-id -ru; grep CapEff /proc/self/status");
+    let out = env.sh(
+        &["--workspace", ws.to_str().unwrap()],
+        "./suid-id -u; ./suid-id -ru; grep CapEff /proc/self/status",
+    );
     assert_ok(&out);
     let s = stdout(&out);
     let mut lines = s.lines();
@@ -143,11 +184,21 @@ fn job_runs_unprivileged_with_no_capabilities() {
     let s = stdout(&out);
     assert!(s.starts_with("65534\n"), "{s}");
     for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert!(s.contains(&format!("{cap}:\t0000000000000000")), "{cap} not empty: {s}");
+        assert!(
+            s.contains(&format!("{cap}:\t0000000000000000")),
+            "{cap} not empty: {s}"
+        );
     }
-    assert!(s.contains("NoNewPrivs:\t1") && s.contains("Seccomp:\t2"), "{s}");
+    assert!(
+        s.contains("NoNewPrivs:\t1") && s.contains("Seccomp:\t2"),
+        "{s}"
+    );
     let map: Vec<&str> = s.lines().last().unwrap().split_whitespace().collect();
-    assert_eq!(map, ["65534", "65534", "1"], "host root must not be mapped: {s}");
+    assert_eq!(
+        map,
+        ["65534", "65534", "1"],
+        "host root must not be mapped: {s}"
+    );
 }
 
 #[test]
@@ -163,21 +214,53 @@ fn landlock_denies_exec_where_only_read_is_granted() {
     // A read grant is mounted read-only, which does not stop execution: only Landlock's
     // missing Execute right does. The same file runs when the directory is granted exec.
     let env = Env::new();
-    let dir = tempfile::Builder::new().prefix("agentd-test-").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("agentd-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let script = dir.path().join("hello");
     std::fs::write(&script, "#!/bin/sh\necho RAN\n").unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let base = "exec = [\"/usr\", \"/bin\", \"/lib\", { path = \"/lib64\", optional = true }]\n";
     let d = dir.path().display();
     let read_only = env.policy("ro", &format!("[filesystem]\n{base}read = [\"{d}\"]\n"));
-    let out = env.agentd(&["run", "--policy", read_only.to_str().unwrap(), "--", script.to_str().unwrap()]);
-    assert_eq!(code(&out), 126, "stdout: {} stderr: {}", stdout(&out), stderr(&out));
-    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
-    let out = env.sh(&["--policy", read_only.to_str().unwrap()], &format!("cat {d}/hello >/dev/null && echo READABLE"));
+    let out = env.agentd(&[
+        "run",
+        "--policy",
+        read_only.to_str().unwrap(),
+        "--",
+        script.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        code(&out),
+        126,
+        "stdout: {} stderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.sh(
+        &["--policy", read_only.to_str().unwrap()],
+        &format!("cat {d}/hello >/dev/null && echo READABLE"),
+    );
     assert!(stdout(&out).contains("READABLE"), "{}", stdout(&out));
     let exec = env.policy("x", &format!("[filesystem]\nexec = [\"{d}\", \"/usr\", \"/bin\", \"/lib\", {{ path = \"/lib64\", optional = true }}]\n"));
-    let out = env.agentd(&["run", "--policy", exec.to_str().unwrap(), "--", script.to_str().unwrap()]);
+    let out = env.agentd(&[
+        "run",
+        "--policy",
+        exec.to_str().unwrap(),
+        "--",
+        script.to_str().unwrap(),
+    ]);
     assert_ok(&out);
     assert_eq!(stdout(&out), "RAN\n");
 }

@@ -19,7 +19,10 @@ fn command_not_found_is_127_with_a_message() {
     let out = env.agentd(&["run", "--", "no-such-command-agentd"]);
     assert_eq!(code(&out), 127);
     let err = stderr(&out);
-    assert!(err.contains("command not found: no-such-command-agentd") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("command not found: no-such-command-agentd") && err.lines().count() == 1,
+        "{err}"
+    );
     let out = env.agentd(&["run", "--", "/usr/bin/no-such-command"]);
     assert_eq!(code(&out), 127);
 }
@@ -29,16 +32,35 @@ fn command_not_executable_is_126_with_a_message() {
     let env = Env::new();
     let ws = env.workspace("ws", None);
     std::fs::write(ws.join("data.txt"), "not a program").unwrap();
-    let out = env.agentd(&["run", "--workspace", ws.to_str().unwrap(), "--", "./data.txt"]);
+    let out = env.agentd(&[
+        "run",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "./data.txt",
+    ]);
     assert_eq!(code(&out), 126);
-    assert!(stderr(&out).contains("cannot execute ./data.txt: Permission denied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot execute ./data.txt: Permission denied"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn timeout_terminates_the_job_and_says_so() {
     let env = Env::new();
     let report_path = env.path("r.json");
-    let out = env.agentd(&["run", "--timeout", "1s", "--report", report_path.to_str().unwrap(), "--", "sleep", "60"]);
+    let out = env.agentd(&[
+        "run",
+        "--timeout",
+        "1s",
+        "--report",
+        report_path.to_str().unwrap(),
+        "--",
+        "sleep",
+        "60",
+    ]);
     assert_eq!(code(&out), 128 + 15, "{}", stderr(&out));
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
     let r = report(&report_path);
@@ -49,7 +71,10 @@ fn timeout_terminates_the_job_and_says_so() {
 #[test]
 fn timeout_kills_a_job_that_ignores_sigterm() {
     let env = Env::new();
-    let out = env.sh(&["--timeout", "1s"], "trap '' TERM; while :; do sleep 1; done");
+    let out = env.sh(
+        &["--timeout", "1s"],
+        "trap '' TERM; while :; do sleep 1; done",
+    );
     // init forwards SIGTERM; the shell ignores it; after the grace period init is killed.
     assert_eq!(code(&out), 128 + 9, "{}", stderr(&out));
 }
@@ -59,29 +84,68 @@ fn report_says_what_ran_and_what_was_enforced() {
     let env = Env::new();
     let ws = env.workspace("ws", None);
     let report_path = env.path("job.json");
-    let out = env.agentd(&["run", "--workspace", ws.to_str().unwrap(), "--policy", "ci-coding-agent", "--agent", "claude", "--model", "m-1",
-        "--cpu", "1", "--report", report_path.to_str().unwrap(), "--", "sh", "-c", "exit 3"]);
+    let out = env.agentd(&[
+        "run",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--policy",
+        "ci-coding-agent",
+        "--agent",
+        "claude",
+        "--model",
+        "m-1",
+        "--cpu",
+        "1",
+        "--report",
+        report_path.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
     assert_eq!(code(&out), 3);
     let r = report(&report_path);
     assert_eq!(r["job_id"].as_str().unwrap().len(), 12);
     assert_eq!(r["command"], serde_json::json!(["sh", "-c", "exit 3"]));
     assert_eq!(r["policy"]["name"], "ci-coding-agent");
     assert_eq!(r["policy"]["sha256"].as_str().unwrap().len(), 64);
-    assert_eq!((r["agent"].as_str(), r["model"].as_str()), (Some("claude"), Some("m-1")));
+    assert_eq!(
+        (r["agent"].as_str(), r["model"].as_str()),
+        (Some("claude"), Some("m-1"))
+    );
     assert_eq!(r["exit"]["code"], 3);
     assert_eq!(r["exit"]["status"], 3);
     assert!(r["wall_time_sec"].as_f64().unwrap() > 0.0);
-    assert!(r["usage"]["cpu_usec"].as_u64().is_some() && r["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0);
+    assert!(
+        r["usage"]["cpu_usec"].as_u64().is_some()
+            && r["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0
+    );
     assert_eq!(r["usage"]["oom_kills"], 0);
     let e = &r["enforced"];
-    assert_eq!(e["namespaces"], serde_json::json!(["user", "pid", "mount", "net", "ipc", "uts", "cgroup"]));
+    assert_eq!(
+        e["namespaces"],
+        serde_json::json!(["user", "pid", "mount", "net", "ipc", "uts", "cgroup"])
+    );
     assert!(e["cgroup"]["version"].as_str().unwrap().starts_with('v'));
-    assert!(e["cgroup"]["limits_applied"].as_object().unwrap().len() >= 3, "{}", e["cgroup"]);
+    assert!(
+        e["cgroup"]["limits_applied"].as_object().unwrap().len() >= 3,
+        "{}",
+        e["cgroup"]
+    );
     assert!(e["landlock"]["abi"].as_u64().unwrap() >= 1);
     assert!(e["landlock"]["rights_dropped_best_effort"].is_array());
-    assert_eq!(e["landlock"]["tcp_bind"], serde_json::json!([3000, 5000, 8000, 8080]));
+    assert_eq!(
+        e["landlock"]["tcp_bind"],
+        serde_json::json!([3000, 5000, 8000, 8080])
+    );
     assert!(e["seccomp"]["instructions"].as_u64().unwrap() > 50);
-    assert!(e["seccomp"]["denied"].as_array().unwrap().iter().any(|d| d == "bpf"));
+    assert!(
+        e["seccomp"]["denied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d == "bpf")
+    );
     assert_eq!(e["seccomp"]["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(e["capabilities"], serde_json::json!([]));
     assert_eq!(e["no_new_privs"], true);
@@ -97,27 +161,69 @@ fn landlock_abi_the_kernel_lacks_is_refused_unless_downgrade_is_asked() {
     let out = env.agentd(&["run", "--policy", p.to_str().unwrap(), "--", "/bin/true"]);
     assert_eq!(code(&out), 125);
     let err = stderr(&out);
-    assert!(err.contains("refused") && err.contains("Landlock ABI 60") && err.contains("--allow-degraded landlock"), "{err}");
+    assert!(
+        err.contains("refused")
+            && err.contains("Landlock ABI 60")
+            && err.contains("--allow-degraded landlock"),
+        "{err}"
+    );
 
     let report_path = env.path("r.json");
-    let out = env.agentd(&["run", "--policy", p.to_str().unwrap(), "--allow-degraded", "landlock", "--report", report_path.to_str().unwrap(), "--", "/bin/true"]);
+    let out = env.agentd(&[
+        "run",
+        "--policy",
+        p.to_str().unwrap(),
+        "--allow-degraded",
+        "landlock",
+        "--report",
+        report_path.to_str().unwrap(),
+        "--",
+        "/bin/true",
+    ]);
     assert_ok(&out);
     let r = report(&report_path);
     assert_eq!(r["enforced"]["degraded"][0]["feature"], "landlock");
-    assert!(r["enforced"]["degraded"][0]["reason"].as_str().unwrap().contains("ABI 60"));
+    assert!(
+        r["enforced"]["degraded"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ABI 60")
+    );
 }
 
 #[test]
 fn check_reports_the_host() {
-    let out = std::process::Command::new(AGENTD).args(["check", "--json"]).output().unwrap();
+    let out = std::process::Command::new(AGENTD)
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
     assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let probes = v["probes"].as_array().unwrap();
-    for f in ["cgroup layout", "landlock", "seccomp filter", "userfaultfd", "SCHED_DEADLINE", "EEVDF custom slice", "namespaces", "overlayfs", "PSI"] {
-        assert!(probes.iter().any(|p| p["feature"] == f), "missing probe {f}");
+    for f in [
+        "cgroup layout",
+        "landlock",
+        "seccomp filter",
+        "userfaultfd",
+        "SCHED_DEADLINE",
+        "EEVDF custom slice",
+        "namespaces",
+        "overlayfs",
+        "PSI",
+    ] {
+        assert!(
+            probes.iter().any(|p| p["feature"] == f),
+            "missing probe {f}"
+        );
     }
     let landlock = probes.iter().find(|p| p["feature"] == "landlock").unwrap();
-    assert_eq!(landlock["available"], true, "this suite needs Landlock: {landlock}");
-    let table = std::process::Command::new(AGENTD).arg("check").output().unwrap();
+    assert_eq!(
+        landlock["available"], true,
+        "this suite needs Landlock: {landlock}"
+    );
+    let table = std::process::Command::new(AGENTD)
+        .arg("check")
+        .output()
+        .unwrap();
     assert!(stdout(&table).contains("landlock"));
 }

@@ -24,8 +24,10 @@ enum Command {
     /// Exit status: the job's own; 128+N if it was killed by signal N; 125 if agentd
     /// failed or refused to run it; 126 if the command cannot be executed; 127 if it
     /// is not found.
-    #[command(after_help = "Examples:\n  agentd run -- sh -c 'id; ls /; touch /etc/x'\n  agentd run --workspace \"$PWD\" --policy ci-coding-agent --report job.json -- make test")]
-    Run(RunArgs),
+    #[command(
+        after_help = "Examples:\n  agentd run -- sh -c 'id; ls /; touch /etc/x'\n  agentd run --workspace \"$PWD\" --policy ci-coding-agent --report job.json -- make test"
+    )]
+    Run(Box<RunArgs>),
     /// Report what this kernel and host offer: cgroup layout and usable controllers,
     /// Landlock ABI, seccomp, userfaultfd, SCHED_DEADLINE, EEVDF slices, namespaces,
     /// overlayfs, PSI.
@@ -79,7 +81,12 @@ struct RunArgs {
     #[arg(long = "allow-degraded", value_name = "FEATURE")]
     allow_degraded: Vec<String>,
     /// Where runtime files go (one directory per job, removed when it ends).
-    #[arg(long, env = "AGENTD_RUNTIME_DIR", default_value = "/run/agentd", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "AGENTD_RUNTIME_DIR",
+        default_value = "/run/agentd",
+        value_name = "DIR"
+    )]
     runtime_dir: PathBuf,
     /// Create job cgroups below this cgroup (e.g. /agentd.slice) instead of agentd's own.
     #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
@@ -94,14 +101,27 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            let informational = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
+            let informational = matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
             let _ = e.print();
             // Usage errors are agentd refusing to run: 125, like every other refusal.
-            std::process::exit(if informational && e.kind() != ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 0 } else { 125 });
+            std::process::exit(
+                if informational && e.kind() != ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                {
+                    0
+                } else {
+                    125
+                },
+            );
         }
     };
     let code = match cli.command {
         Command::Run(a) => job::run(RunOptions {
+            command: a.command.clone(),
             policy: a.policy,
             policy_dir: a.policy_dir,
             workspace: a.workspace,
@@ -116,9 +136,11 @@ fn main() {
             allow_degraded: a.allow_degraded,
             runtime_dir: a.runtime_dir,
             cgroup_parent: a.cgroup_parent,
-            command: a.command,
         }),
-        Command::Check { json, cgroup_parent } => check(json, cgroup_parent.as_deref()),
+        Command::Check {
+            json,
+            cgroup_parent,
+        } => check(json, cgroup_parent.as_deref()),
     };
     std::process::exit(code);
 }
@@ -126,11 +148,19 @@ fn main() {
 fn check(json: bool, cgroup_parent: Option<&str>) -> i32 {
     let report = agentd::host::check_host(cgroup_parent);
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
     } else {
         println!("kernel {}", report.kernel);
         for p in &report.probes {
-            println!("{:<20} {:<4} {}", p.feature, if p.available { "yes" } else { "no" }, p.detail);
+            println!(
+                "{:<20} {:<4} {}",
+                p.feature,
+                if p.available { "yes" } else { "no" },
+                p.detail
+            );
         }
     }
     0

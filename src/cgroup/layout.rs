@@ -64,7 +64,11 @@ pub enum LayoutError {
 
 pub fn join_cgroup(mount: &Path, rel: &str) -> PathBuf {
     let rel = rel.trim_start_matches('/');
-    if rel.is_empty() { mount.to_path_buf() } else { mount.join(rel) }
+    if rel.is_empty() {
+        mount.to_path_buf()
+    } else {
+        mount.join(rel)
+    }
 }
 
 impl HostCgroups {
@@ -82,17 +86,23 @@ impl HostCgroups {
         let mut v1_mounts: Vec<(Vec<String>, PathBuf)> = Vec::new();
         for line in mountinfo.lines() {
             // "36 25 0:31 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu"
-            let Some((left, right)) = line.split_once(" - ") else { continue };
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
             let mount_point = left.split(' ').nth(4).map(unescape_octal);
             let mut right = right.split(' ');
             let (fstype, _source, options) = (right.next(), right.next(), right.next());
-            let Some(mount_point) = mount_point else { continue };
+            let Some(mount_point) = mount_point else {
+                continue;
+            };
             // Only mounts of the hierarchy root are usable positions.
             if left.split(' ').nth(3) != Some("/") {
                 continue;
             }
             match fstype {
-                Some("cgroup2") if v2_mount.is_none() => v2_mount = Some(PathBuf::from(mount_point)),
+                Some("cgroup2") if v2_mount.is_none() => {
+                    v2_mount = Some(PathBuf::from(mount_point))
+                }
                 Some("cgroup") => {
                     let controllers: Vec<String> = options
                         .unwrap_or("")
@@ -100,7 +110,8 @@ impl HostCgroups {
                         .filter(|o| is_v1_controller(o))
                         .map(str::to_owned)
                         .collect();
-                    if !controllers.is_empty() && !v1_mounts.iter().any(|(c, _)| *c == controllers) {
+                    if !controllers.is_empty() && !v1_mounts.iter().any(|(c, _)| *c == controllers)
+                    {
                         v1_mounts.push((controllers, PathBuf::from(mount_point)));
                     }
                 }
@@ -112,20 +123,34 @@ impl HostCgroups {
         let mut v1 = Vec::new();
         for line in own_cgroups.lines() {
             let mut parts = line.splitn(3, ':');
-            let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
             if ctrls.is_empty() {
                 if let Some(mount) = &v2_mount {
-                    v2 = Some(V2Tree { mount: mount.clone(), own: path.to_owned() });
+                    v2 = Some(V2Tree {
+                        mount: mount.clone(),
+                        own: path.to_owned(),
+                    });
                 }
                 continue;
             }
-            let mut ctrls: Vec<String> = ctrls.split(',').filter(|c| is_v1_controller(c)).map(str::to_owned).collect();
+            let mut ctrls: Vec<String> = ctrls
+                .split(',')
+                .filter(|c| is_v1_controller(c))
+                .map(str::to_owned)
+                .collect();
             ctrls.sort();
             for (mount_ctrls, mount) in &v1_mounts {
                 let mut sorted = mount_ctrls.clone();
                 sorted.sort();
                 if sorted == ctrls {
-                    v1.push(V1Hierarchy { controllers: mount_ctrls.clone(), mount: mount.clone(), own: path.to_owned() });
+                    v1.push(V1Hierarchy {
+                        controllers: mount_ctrls.clone(),
+                        mount: mount.clone(),
+                        own: path.to_owned(),
+                    });
                 }
             }
         }
@@ -140,15 +165,29 @@ impl HostCgroups {
 
     /// The v1 hierarchy carrying `controller`, if it is mounted.
     pub fn v1_for(&self, controller: &str) -> Option<&V1Hierarchy> {
-        self.v1.iter().find(|h| h.controllers.iter().any(|c| c == controller))
+        self.v1
+            .iter()
+            .find(|h| h.controllers.iter().any(|c| c == controller))
     }
 }
 
 fn is_v1_controller(name: &str) -> bool {
     matches!(
         name,
-        "cpu" | "cpuacct" | "cpuset" | "memory" | "pids" | "freezer" | "blkio" | "devices"
-            | "net_cls" | "net_prio" | "perf_event" | "hugetlb" | "rdma" | "misc"
+        "cpu"
+            | "cpuacct"
+            | "cpuset"
+            | "memory"
+            | "pids"
+            | "freezer"
+            | "blkio"
+            | "devices"
+            | "net_cls"
+            | "net_prio"
+            | "perf_event"
+            | "hugetlb"
+            | "rdma"
+            | "misc"
     )
 }
 
@@ -158,8 +197,15 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() + 0 && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
+            );
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -182,14 +228,21 @@ mod tests {
 36 30 0:33 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
 37 30 0:34 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
 ";
-    const HYBRID_OWN: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/a/b\n2:cpuacct:/\n1:cpu:/\n0::/\n";
+    const HYBRID_OWN: &str =
+        "9:name=systemd:/\n8:pids:/\n4:memory:/a/b\n2:cpuacct:/\n1:cpu:/\n0::/\n";
 
     #[test]
     fn hybrid_per_controller_positions() {
         let h = HostCgroups::from_texts(HYBRID_MOUNTS, HYBRID_OWN).unwrap();
         assert_eq!(h.layout, Layout::Hybrid);
-        assert_eq!(h.v1_for("memory").unwrap().own_dir(), Path::new("/sys/fs/cgroup/memory/a/b"));
-        assert_eq!(h.v1_for("cpu").unwrap().own_dir(), Path::new("/sys/fs/cgroup/cpu"));
+        assert_eq!(
+            h.v1_for("memory").unwrap().own_dir(),
+            Path::new("/sys/fs/cgroup/memory/a/b")
+        );
+        assert_eq!(
+            h.v1_for("cpu").unwrap().own_dir(),
+            Path::new("/sys/fs/cgroup/cpu")
+        );
         assert!(h.v1_for("freezer").is_none());
         assert_eq!(h.v2.unwrap().own_dir(), Path::new("/sys/fs/cgroup/unified"));
     }
@@ -199,7 +252,10 @@ mod tests {
         let m = "30 25 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
         let h = HostCgroups::from_texts(m, "0::/system.slice/agentd.service\n").unwrap();
         assert_eq!(h.layout, Layout::Unified);
-        assert_eq!(h.v2.unwrap().own_dir(), Path::new("/sys/fs/cgroup/system.slice/agentd.service"));
+        assert_eq!(
+            h.v2.unwrap().own_dir(),
+            Path::new("/sys/fs/cgroup/system.slice/agentd.service")
+        );
     }
 
     #[test]
@@ -207,6 +263,9 @@ mod tests {
         let m = "33 30 0:30 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
         let h = HostCgroups::from_texts(m, "3:cpuacct,cpu:/x\n").unwrap();
         assert_eq!(h.layout, Layout::Legacy);
-        assert_eq!(h.v1_for("cpuacct").unwrap().own_dir(), Path::new("/sys/fs/cgroup/cpu,cpuacct/x"));
+        assert_eq!(
+            h.v1_for("cpuacct").unwrap().own_dir(),
+            Path::new("/sys/fs/cgroup/cpu,cpuacct/x")
+        );
     }
 }

@@ -39,9 +39,17 @@ pub enum CgroupError {
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
     #[error("the {controller} controller is not available {place}; {hint}")]
-    MissingController { controller: &'static str, place: String, hint: String },
+    MissingController {
+        controller: &'static str,
+        place: String,
+        hint: String,
+    },
     #[error("cannot {action} {}: {source}", path.display())]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("--cgroup-parent {0}: {1}")]
     Parent(String, String),
 }
@@ -50,14 +58,23 @@ impl CgroupError {
     /// The `--allow-degraded` feature name that would let the job run without this.
     pub fn feature(&self) -> Option<String> {
         match self {
-            CgroupError::MissingController { controller, .. } => Some(format!("cgroup-{controller}")),
+            CgroupError::MissingController { controller, .. } => {
+                Some(format!("cgroup-{controller}"))
+            }
             _ => None,
         }
     }
 }
 
-pub(crate) fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io { action, path: path.to_path_buf(), source }
+pub(crate) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A job's cgroup, whatever the hierarchy. Created by [`create_job_cgroup`]; the
@@ -125,7 +142,9 @@ pub fn create_job_cgroup(
     }
     match host.layout {
         Layout::Unified => Ok(Box::new(CgroupV2::create(host, parent, name, &limits)?)),
-        Layout::Hybrid | Layout::Legacy => Ok(Box::new(CgroupV1::create(host, parent, name, &limits)?)),
+        Layout::Hybrid | Layout::Legacy => {
+            Ok(Box::new(CgroupV1::create(host, parent, name, &limits)?))
+        }
     }
 }
 
@@ -145,10 +164,19 @@ pub(crate) fn rmdir_patiently(dir: &Path) -> Result<(), CgroupError> {
         match std::fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < Duration::from_secs(5) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && start.elapsed() < Duration::from_secs(5) =>
+            {
                 std::thread::sleep(Duration::from_micros(500));
             }
-            Err(e) => return Err(CgroupError::Io { action: "remove", path: dir.to_path_buf(), source: e }),
+            Err(e) => {
+                return Err(CgroupError::Io {
+                    action: "remove",
+                    path: dir.to_path_buf(),
+                    source: e,
+                });
+            }
         }
     }
 }
@@ -173,16 +201,26 @@ pub(crate) fn read_u64(path: &Path) -> Option<u64> {
 /// The cgroup parent directory for one hierarchy: the operator's `--cgroup-parent`
 /// (a cgroup path such as "/agentd.slice", relative to the hierarchy's mount) or this
 /// process's own cgroup.
-pub(crate) fn parent_dir(mount: &Path, own: &str, parent: Option<&str>) -> Result<PathBuf, CgroupError> {
+pub(crate) fn parent_dir(
+    mount: &Path,
+    own: &str,
+    parent: Option<&str>,
+) -> Result<PathBuf, CgroupError> {
     match parent {
         None => Ok(layout::join_cgroup(mount, own)),
         Some(p) => {
             if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
-                return Err(CgroupError::Parent(p.into(), "expected an absolute cgroup path like /agentd.slice".into()));
+                return Err(CgroupError::Parent(
+                    p.into(),
+                    "expected an absolute cgroup path like /agentd.slice".into(),
+                ));
             }
             let dir = layout::join_cgroup(mount, p);
             if !dir.is_dir() {
-                return Err(CgroupError::Parent(p.into(), format!("{} does not exist", dir.display())));
+                return Err(CgroupError::Parent(
+                    p.into(),
+                    format!("{} does not exist", dir.display()),
+                ));
             }
             Ok(dir)
         }

@@ -5,8 +5,11 @@
 //! v2 has and v1 lacks: it is born there by CLONE_INTO_CGROUP, and cgroup.kill,
 //! cgroup.freeze and cgroup.events work on it without any controller.
 
-use super::v2::{CgroupV2, CPU_PERIOD_USEC};
-use super::{io_err, parent_dir, read_keyed, read_u64, rmdir_patiently, write_file, CgroupError, CgroupLimits, HostCgroups, JobCgroup, Layout, Usage};
+use super::v2::{CPU_PERIOD_USEC, CgroupV2};
+use super::{
+    CgroupError, CgroupLimits, HostCgroups, JobCgroup, Layout, Usage, io_err, parent_dir,
+    read_keyed, read_u64, rmdir_patiently, write_file,
+};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,7 +44,12 @@ fn wanted(controller: &str, limits: &CgroupLimits, layout: Layout) -> bool {
 }
 
 impl CgroupV1 {
-    pub fn create(host: &HostCgroups, parent: Option<&str>, name: &str, limits: &CgroupLimits) -> Result<Self, CgroupError> {
+    pub fn create(
+        host: &HostCgroups,
+        parent: Option<&str>,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<Self, CgroupError> {
         for controller in super::required_controllers(limits) {
             if host.v1_for(controller).is_none() {
                 return Err(CgroupError::MissingController {
@@ -51,7 +59,11 @@ impl CgroupV1 {
                 });
             }
         }
-        let mut cg = CgroupV1 { dirs: Vec::new(), unified: None, applied: Vec::new() };
+        let mut cg = CgroupV1 {
+            dirs: Vec::new(),
+            unified: None,
+            applied: Vec::new(),
+        };
         // Build step by step; on any error `cg` drops and removes what exists so far.
         for h in &host.v1 {
             if !h.controllers.iter().any(|c| wanted(c, limits, host.layout)) {
@@ -59,7 +71,11 @@ impl CgroupV1 {
             }
             let dir = parent_dir(&h.mount, &h.own, parent)?.join(name);
             std::fs::create_dir(&dir).map_err(io_err("create", &dir))?;
-            cg.dirs.push(V1Dir { controllers: h.controllers.clone(), dir, removed: false });
+            cg.dirs.push(V1Dir {
+                controllers: h.controllers.clone(),
+                dir,
+                removed: false,
+            });
         }
         if host.layout == Layout::Hybrid
             && let Some(tree) = &host.v2
@@ -72,11 +88,17 @@ impl CgroupV1 {
     }
 
     fn dir_of(&self, controller: &str) -> Option<&Path> {
-        self.dirs.iter().find(|d| d.controllers.iter().any(|c| c == controller)).map(|d| d.dir.as_path())
+        self.dirs
+            .iter()
+            .find(|d| d.controllers.iter().any(|c| c == controller))
+            .map(|d| d.dir.as_path())
     }
 
     fn set(&mut self, controller: &str, file: &str, value: String) -> Result<(), CgroupError> {
-        let dir = self.dir_of(controller).expect("hierarchy checked at creation").to_path_buf();
+        let dir = self
+            .dir_of(controller)
+            .expect("hierarchy checked at creation")
+            .to_path_buf();
         write_file(&dir.join(file), &value)?;
         self.applied.push((file.to_owned(), value));
         Ok(())
@@ -92,7 +114,10 @@ impl CgroupV1 {
             self.set("memory", "memory.limit_in_bytes", mem.to_string())?;
             // With swap accounting, cap memory+swap too: the limit is on memory, not on
             // memory that may be pushed to swap.
-            if self.dir_of("memory").is_some_and(|d| d.join("memory.memsw.limit_in_bytes").exists()) {
+            if self
+                .dir_of("memory")
+                .is_some_and(|d| d.join("memory.memsw.limit_in_bytes").exists())
+            {
                 self.set("memory", "memory.memsw.limit_in_bytes", mem.to_string())?;
             }
         }
@@ -103,17 +128,27 @@ impl CgroupV1 {
     }
 
     fn freezer_state(&self, state: &str) -> Result<(), CgroupError> {
-        let dir = self.dir_of("freezer").ok_or(CgroupError::MissingController {
-            controller: "freezer",
-            place: "on this host".into(),
-            hint: "without a cgroup2 tree, freezing needs the v1 freezer hierarchy".into(),
-        })?;
+        let dir = self
+            .dir_of("freezer")
+            .ok_or(CgroupError::MissingController {
+                controller: "freezer",
+                place: "on this host".into(),
+                hint: "without a cgroup2 tree, freezing needs the v1 freezer hierarchy".into(),
+            })?;
         let file = dir.join("freezer.state");
         write_file(&file, state)?;
         let start = Instant::now();
-        while std::fs::read_to_string(&file).map_err(io_err("read", &file))?.trim() != state {
+        while std::fs::read_to_string(&file)
+            .map_err(io_err("read", &file))?
+            .trim()
+            != state
+        {
             if start.elapsed() > Duration::from_secs(5) {
-                return Err(CgroupError::Io { action: "wait for", path: file, source: std::io::Error::from_raw_os_error(libc::ETIMEDOUT) });
+                return Err(CgroupError::Io {
+                    action: "wait for",
+                    path: file,
+                    source: std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -126,7 +161,13 @@ impl CgroupV1 {
             .dirs
             .iter()
             .filter(|d| !d.removed)
-            .flat_map(|d| std::fs::read_to_string(d.dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect::<Vec<_>>())
+            .flat_map(|d| {
+                std::fs::read_to_string(d.dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .collect::<Vec<_>>()
+            })
             .collect();
         pids.sort_unstable();
         pids.dedup();
@@ -136,7 +177,11 @@ impl CgroupV1 {
 
 impl JobCgroup for CgroupV1 {
     fn version(&self) -> &'static str {
-        if self.unified.is_some() { "v1+v2" } else { "v1" }
+        if self.unified.is_some() {
+            "v1+v2"
+        } else {
+            "v1"
+        }
     }
 
     fn clone_into_fd(&self) -> Option<RawFd> {
@@ -192,7 +237,8 @@ impl JobCgroup for CgroupV1 {
             u.cpu_usec = read_u64(&d.join("cpuacct.usage")).map(|ns| ns / 1000);
         }
         if let Some(d) = self.dir_of("cpu") {
-            u.throttled_usec = read_keyed(&d.join("cpu.stat"), "throttled_time").map(|ns| ns / 1000);
+            u.throttled_usec =
+                read_keyed(&d.join("cpu.stat"), "throttled_time").map(|ns| ns / 1000);
         }
         if let Some(d) = self.dir_of("memory") {
             u.peak_memory_bytes = read_u64(&d.join("memory.max_usage_in_bytes"));

@@ -2,7 +2,10 @@
 //! cgroup.freeze with cgroup.events, memory.events, memory.peak. Also used for the core
 //! files (kill, freeze, events, CLONE_INTO_CGROUP) of a hybrid host's cgroup2 tree.
 
-use super::{io_err, parent_dir, read_keyed, read_u64, rmdir_patiently, write_file, CgroupError, CgroupLimits, HostCgroups, JobCgroup, Usage};
+use super::{
+    CgroupError, CgroupLimits, HostCgroups, JobCgroup, Usage, io_err, parent_dir, read_keyed,
+    read_u64, rmdir_patiently, write_file,
+};
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -23,8 +26,12 @@ pub struct CgroupV2 {
 }
 
 pub(super) fn usable_controllers(host: &HostCgroups, parent: Option<&str>) -> Vec<String> {
-    let Some(tree) = &host.v2 else { return Vec::new() };
-    let Ok(dir) = parent_dir(&tree.mount, &tree.own, parent) else { return Vec::new() };
+    let Some(tree) = &host.v2 else {
+        return Vec::new();
+    };
+    let Ok(dir) = parent_dir(&tree.mount, &tree.own, parent) else {
+        return Vec::new();
+    };
     std::fs::read_to_string(dir.join("cgroup.controllers"))
         .unwrap_or_default()
         .split_whitespace()
@@ -34,8 +41,16 @@ pub(super) fn usable_controllers(host: &HostCgroups, parent: Option<&str>) -> Ve
 
 impl CgroupV2 {
     /// Creates `name` below the parent with `limits`. Pure v2 host.
-    pub fn create(host: &HostCgroups, parent: Option<&str>, name: &str, limits: &CgroupLimits) -> Result<Self, CgroupError> {
-        let tree = host.v2.as_ref().ok_or(super::layout::LayoutError::NoCgroups)?;
+    pub fn create(
+        host: &HostCgroups,
+        parent: Option<&str>,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<Self, CgroupError> {
+        let tree = host
+            .v2
+            .as_ref()
+            .ok_or(super::layout::LayoutError::NoCgroups)?;
         let parent = parent_dir(&tree.mount, &tree.own, parent)?;
         let needed = super::required_controllers(limits);
         enable_controllers(&parent, &needed)?;
@@ -50,14 +65,23 @@ impl CgroupV2 {
     /// Creates a bare directory (hybrid hosts: core files only, no controllers).
     pub fn mkdir(dir: &Path) -> Result<Self, CgroupError> {
         std::fs::create_dir(dir).map_err(io_err("create", dir))?;
-        let fd = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(dir) {
+        let fd = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+        {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = std::fs::remove_dir(dir);
                 return Err(io_err("open", dir)(e));
             }
         };
-        Ok(CgroupV2 { dir: dir.to_path_buf(), fd, applied: Vec::new(), removed: false })
+        Ok(CgroupV2 {
+            dir: dir.to_path_buf(),
+            fd,
+            applied: Vec::new(),
+            removed: false,
+        })
     }
 
     fn set(&mut self, file: &str, value: String) -> Result<(), CgroupError> {
@@ -105,7 +129,10 @@ impl CgroupV2 {
     }
 
     pub fn freeze_and_wait(&self, freeze: bool) -> Result<(), CgroupError> {
-        write_file(&self.dir.join("cgroup.freeze"), if freeze { "1" } else { "0" })?;
+        write_file(
+            &self.dir.join("cgroup.freeze"),
+            if freeze { "1" } else { "0" },
+        )?;
         let want = u64::from(freeze);
         let start = Instant::now();
         // cgroup.events changes raise an inotify event; a short poll is enough for the
@@ -130,9 +157,15 @@ impl CgroupV2 {
     pub fn core_usage(&self, usage: &mut Usage) {
         let stat = self.dir.join("cpu.stat");
         usage.cpu_usec = usage.cpu_usec.or_else(|| read_keyed(&stat, "usage_usec"));
-        usage.throttled_usec = usage.throttled_usec.or_else(|| read_keyed(&stat, "throttled_usec"));
-        usage.peak_memory_bytes = usage.peak_memory_bytes.or_else(|| read_u64(&self.dir.join("memory.peak")));
-        usage.oom_kills = usage.oom_kills.or_else(|| read_keyed(&self.dir.join("memory.events"), "oom_kill"));
+        usage.throttled_usec = usage
+            .throttled_usec
+            .or_else(|| read_keyed(&stat, "throttled_usec"));
+        usage.peak_memory_bytes = usage
+            .peak_memory_bytes
+            .or_else(|| read_u64(&self.dir.join("memory.peak")));
+        usage.oom_kills = usage
+            .oom_kills
+            .or_else(|| read_keyed(&self.dir.join("memory.events"), "oom_kill"));
     }
 
     pub fn remove_dir(&mut self) -> Result<(), CgroupError> {
@@ -150,8 +183,10 @@ impl CgroupV2 {
 
 /// Makes sure the parent hands `needed` controllers down to its children.
 fn enable_controllers(parent: &Path, needed: &[&'static str]) -> Result<(), CgroupError> {
-    let available = std::fs::read_to_string(parent.join("cgroup.controllers")).map_err(io_err("read", parent))?;
-    let enabled = std::fs::read_to_string(parent.join("cgroup.subtree_control")).map_err(io_err("read", parent))?;
+    let available = std::fs::read_to_string(parent.join("cgroup.controllers"))
+        .map_err(io_err("read", parent))?;
+    let enabled = std::fs::read_to_string(parent.join("cgroup.subtree_control"))
+        .map_err(io_err("read", parent))?;
     for controller in needed {
         if enabled.split_whitespace().any(|c| c == *controller) {
             continue;
@@ -170,7 +205,11 @@ fn enable_controllers(parent: &Path, needed: &[&'static str]) -> Result<(), Cgro
             } else {
                 format!("enabling it failed: {e}")
             };
-            return Err(CgroupError::MissingController { controller, place: format!("for children of {}", parent.display()), hint });
+            return Err(CgroupError::MissingController {
+                controller,
+                place: format!("for children of {}", parent.display()),
+                hint,
+            });
         }
     }
     Ok(())

@@ -4,7 +4,7 @@
 
 mod check;
 
-pub use check::{check_host, CheckReport};
+pub use check::{CheckReport, check_host};
 
 /// CPUs this process may run on (its affinity mask), which is what a cpu limit can use.
 pub fn online_cpus() -> usize {
@@ -24,7 +24,12 @@ pub fn landlock_abi() -> u32 {
     // SAFETY: with a NULL attr, size 0 and the VERSION flag, landlock_create_ruleset only
     // returns the ABI version (or an error); no memory is read or written.
     let v = unsafe {
-        libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<libc::c_void>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION)
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
     };
     if v > 0 { v as u32 } else { 0 }
 }
@@ -34,6 +39,13 @@ pub fn seccomp_filter_available() -> bool {
     // SECCOMP_GET_ACTION_AVAIL for SECCOMP_RET_ERRNO: succeeds only with filter support.
     let action: u32 = 0x0005_0000;
     // SAFETY: the kernel reads one u32 from a valid pointer.
-    let r = unsafe { libc::syscall(libc::SYS_seccomp, 2 /* SECCOMP_GET_ACTION_AVAIL */, 0, &action as *const u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            2, /* SECCOMP_GET_ACTION_AVAIL */
+            0,
+            &action as *const u32,
+        )
+    };
     r == 0
 }

@@ -18,9 +18,11 @@ pub mod supervise;
 
 pub use plan::RunOptions;
 
-use crate::cgroup::{self, CgroupLimits};
 use crate::Error;
-use report::{CgroupReport, Enforced, JobExit, JobReport, LandlockReport, PolicyRef, SeccompReport};
+use crate::cgroup::{self, CgroupLimits};
+use report::{
+    CgroupReport, Enforced, JobExit, JobReport, LandlockReport, PolicyRef, SeccompReport,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
@@ -44,7 +46,10 @@ impl RuntimeDir {
     fn create(base: &Path, id: &str) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let jobs = base.join("jobs");
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&jobs)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&jobs)?;
         let dir = jobs.join(id);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let rd = RuntimeDir { dir };
@@ -77,7 +82,11 @@ fn new_job_id() -> String {
     // SAFETY: getrandom writes at most 6 bytes into the local buffer.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     if n != bytes.len() as isize {
-        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64 ^ u64::from(std::process::id());
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64
+            ^ u64::from(std::process::id());
         bytes.copy_from_slice(&t.to_le_bytes()[..6]);
     }
     crate::spec::hex(&bytes)
@@ -85,20 +94,32 @@ fn new_job_id() -> String {
 
 /// Test builds read AGENTD_FAULT to fail at a named pipeline step; release builds never do.
 fn injected_fault() -> Option<String> {
-    if cfg!(feature = "fault-injection") { std::env::var("AGENTD_FAULT").ok() } else { None }
+    if cfg!(feature = "fault-injection") {
+        std::env::var("AGENTD_FAULT").ok()
+    } else {
+        None
+    }
 }
 
 fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let fault = injected_fault();
     let step_fault = |job: &str, step: &'static str| -> Result<(), Error> {
         if fault.as_deref() == Some(step) {
-            return Err(Error::Pipeline { job: job.into(), step, message: "injected fault".into() });
+            return Err(Error::Pipeline {
+                job: job.into(),
+                step,
+                message: "injected fault".into(),
+            });
         }
         Ok(())
     };
     let pipeline = |job: &str, step: &'static str| {
         let job = job.to_owned();
-        move |e: std::io::Error| Error::Pipeline { job, step, message: e.to_string() }
+        move |e: std::io::Error| Error::Pipeline {
+            job,
+            step,
+            message: e.to_string(),
+        }
     };
 
     // 1. validate
@@ -107,21 +128,40 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
 
     // 2. allocate
     let id = new_job_id();
-    let rundir = RuntimeDir::create(&plan.options.runtime_dir, &id).map_err(pipeline(&id, "create the runtime directory"))?;
+    let rundir = RuntimeDir::create(&plan.options.runtime_dir, &id)
+        .map_err(pipeline(&id, "create the runtime directory"))?;
     plan.sandbox.root = rundir.root();
     step_fault(&id, "after-runtime-dir")?;
-    let limits = CgroupLimits { cpu: plan.limits.cpu, memory: plan.limits.memory, pids: plan.limits.pids };
-    let mut cgroup = cgroup::create_job_cgroup(&plan.host_cgroups, plan.options.cgroup_parent.as_deref(), &format!("agentd-{id}"), &limits, &plan.skip_controllers)
-        .map_err(|source| Error::Cgroup { job: id.clone(), source })?;
+    let limits = CgroupLimits {
+        cpu: plan.limits.cpu,
+        memory: plan.limits.memory,
+        pids: plan.limits.pids,
+    };
+    let mut cgroup = cgroup::create_job_cgroup(
+        &plan.host_cgroups,
+        plan.options.cgroup_parent.as_deref(),
+        &format!("agentd-{id}"),
+        &limits,
+        &plan.skip_controllers,
+    )
+    .map_err(|source| Error::Cgroup {
+        job: id.clone(),
+        source,
+    })?;
     step_fault(&id, "after-cgroup")?;
     let workspace_tree = match (&plan.workspace, plan.ids.workspace_idmapped) {
-        (Some(ws), true) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline { job: id.clone(), step: "clone the workspace mount", message: e.to_string() })?),
+        (Some(ws), true) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline {
+            job: id.clone(),
+            step: "clone the workspace mount",
+            message: e.to_string(),
+        })?),
         _ => None,
     };
     plan.sandbox.workspace_tree = workspace_tree.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
 
     // 3. guards
-    let signals = supervise::SignalGuard::install().map_err(pipeline(&id, "install the signal guard"))?;
+    let signals =
+        supervise::SignalGuard::install().map_err(pipeline(&id, "install the signal guard"))?;
     step_fault(&id, "after-guards")?;
 
     // 4. publish
@@ -142,7 +182,11 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     }
     let started = Instant::now();
     let mut child = spawn::spawn(&plan.sandbox, cgroup.as_ref(), &plan.ids, fault.as_deref())
-        .map_err(|e| Error::Pipeline { job: id.clone(), step: "start the job", message: e.to_string() })?;
+        .map_err(|e| Error::Pipeline {
+            job: id.clone(),
+            step: "start the job",
+            message: e.to_string(),
+        })?;
     let outcome = supervise::supervise(&mut child, &signals, plan.limits.timeout, started);
     let wall = started.elapsed();
     drop(child);
@@ -152,7 +196,11 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let exit = JobExit::from_outcome(&outcome);
     let cgroup_report = CgroupReport {
         version: cgroup.version().into(),
-        dirs: cgroup.dirs().iter().map(|d| d.display().to_string()).collect(),
+        dirs: cgroup
+            .dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect(),
         limits_applied: cgroup.applied().into_iter().collect(),
     };
     if let Err(e) = cgroup.remove() {
@@ -162,19 +210,30 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         eprintln!("agentd: job {id}: {m}");
     }
     if outcome.timed_out {
-        eprintln!("agentd: job {id}: timed out after {:?}", plan.limits.timeout.unwrap_or_default());
+        eprintln!(
+            "agentd: job {id}: timed out after {:?}",
+            plan.limits.timeout.unwrap_or_default()
+        );
     }
 
     if let Some(path) = &plan.options.report {
-        let landlock_enforced = !plan.degraded.iter().any(|d| d.feature == "landlock") || plan.landlock_abi > 0;
+        let landlock_enforced =
+            !plan.degraded.iter().any(|d| d.feature == "landlock") || plan.landlock_abi > 0;
         let report = JobReport {
             job_id: id.clone(),
             command: plan.options.command.clone(),
             workspace: plan.workspace.as_ref().map(|w| w.display().to_string()),
-            policy: PolicyRef { name: plan.policy.name.clone(), source: plan.policy.source.clone(), sha256: plan.policy.sha256.clone() },
+            policy: PolicyRef {
+                name: plan.policy.name.clone(),
+                source: plan.policy.source.clone(),
+                sha256: plan.policy.sha256.clone(),
+            },
             agent: plan.policy.identity.agent.clone(),
             model: plan.policy.identity.model.clone(),
-            started_at_unix: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+            started_at_unix: started_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
             wall_time_sec: wall.as_secs_f64(),
             exit: report::exit_report(&exit, outcome.timed_out),
             limits: plan.limits.clone(),
@@ -190,7 +249,11 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
                     path_rules: plan.sandbox.landlock.paths.len(),
                     tcp_bind: plan.policy.tcp_bind.clone(),
                     tcp_connect: plan.policy.tcp_connect.clone(),
-                    scoped: if plan.landlock_abi >= 6 { vec!["abstract-unix-socket", "signal"] } else { vec![] },
+                    scoped: if plan.landlock_abi >= 6 {
+                        vec!["abstract-unix-socket", "signal"]
+                    } else {
+                        vec![]
+                    },
                 }),
                 seccomp: SeccompReport {
                     instructions: plan.sandbox.seccomp.instructions.len(),
@@ -206,7 +269,10 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
             },
         };
         if let Err(e) = report::write_report(path, &report) {
-            eprintln!("agentd: job {id}: cannot write the report {}: {e}", path.display());
+            eprintln!(
+                "agentd: job {id}: cannot write the report {}: {e}",
+                path.display()
+            );
             return Ok(125);
         }
     }

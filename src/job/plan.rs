@@ -1,11 +1,11 @@
 //! Validate: turn a policy, the command line's overrides and the host's features into a
 //! complete plan, or refuse. Nothing is created here.
 
-use crate::cgroup::{self, CgroupLimits, HostCgroups};
-use crate::sandbox::{seccomp, BindMount, LandlockPlan, SandboxPlan};
-use crate::sandbox::landlock_rights_dropped;
-use crate::spec::{self, Access, Policy, SpecError};
 use crate::Error;
+use crate::cgroup::{self, CgroupLimits, HostCgroups};
+use crate::sandbox::landlock_rights_dropped;
+use crate::sandbox::{BindMount, LandlockPlan, SandboxPlan, seccomp};
+use crate::spec::{self, Access, Policy, SpecError};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
@@ -72,17 +72,30 @@ pub struct JobPlan {
 }
 
 fn flag_err(flag: &str, message: impl Into<String>) -> Error {
-    Error::Spec(SpecError { origin: "command line".into(), line: None, key: flag.into(), message: message.into() })
+    Error::Spec(SpecError {
+        origin: "command line".into(),
+        line: None,
+        key: flag.into(),
+        message: message.into(),
+    })
 }
 
 pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
     if options.command.is_empty() {
-        return Err(Error::Usage("no command given: agentd run [OPTIONS] -- COMMAND [ARGS...]".into()));
+        return Err(Error::Usage(
+            "no command given: agentd run [OPTIONS] -- COMMAND [ARGS...]".into(),
+        ));
     }
     check_command(&options.command)?;
     for feature in &options.allow_degraded {
         if !DEGRADABLE.contains(&feature.as_str()) {
-            return Err(flag_err("--allow-degraded", format!("unknown feature \"{feature}\" (one of: {})", DEGRADABLE.join(", "))));
+            return Err(flag_err(
+                "--allow-degraded",
+                format!(
+                    "unknown feature \"{feature}\" (one of: {})",
+                    DEGRADABLE.join(", ")
+                ),
+            ));
         }
     }
     let mut policy = spec::load_policy(&options.policy, &options.policy_dir)?;
@@ -96,18 +109,36 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
     // Command-line limits override the policy's, with the same checks.
     let mut limits = policy.limits.clone();
     if let Some(v) = &options.cpu {
-        let cpu: f64 = v.parse().map_err(|_| flag_err("--cpu", format!("expected a number of CPUs like 0.5 or 2, got \"{v}\"")))?;
+        let cpu: f64 = v.parse().map_err(|_| {
+            flag_err(
+                "--cpu",
+                format!("expected a number of CPUs like 0.5 or 2, got \"{v}\""),
+            )
+        })?;
         limits.cpu = Some(spec::check_cpu(cpu).map_err(|m| flag_err("--cpu", m))?);
     }
     if let Some(v) = &options.memory {
-        limits.memory = Some(spec::parse_size(v).and_then(spec::check_memory).map_err(|m| flag_err("--memory", m))?);
+        limits.memory = Some(
+            spec::parse_size(v)
+                .and_then(spec::check_memory)
+                .map_err(|m| flag_err("--memory", m))?,
+        );
     }
     if let Some(v) = &options.pids {
-        let n: i64 = v.parse().map_err(|_| flag_err("--pids", format!("expected a number of processes, got \"{v}\"")))?;
+        let n: i64 = v.parse().map_err(|_| {
+            flag_err(
+                "--pids",
+                format!("expected a number of processes, got \"{v}\""),
+            )
+        })?;
         limits.pids = Some(spec::check_pids(n).map_err(|m| flag_err("--pids", m))?);
     }
     if let Some(v) = &options.timeout {
-        limits.timeout = Some(spec::parse_duration(v).and_then(spec::check_timeout).map_err(|m| flag_err("--timeout", m))?);
+        limits.timeout = Some(
+            spec::parse_duration(v)
+                .and_then(spec::check_timeout)
+                .map_err(|m| flag_err("--timeout", m))?,
+        );
     }
 
     let workspace = match &options.workspace {
@@ -115,9 +146,18 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         Some(w) => Some(validate_workspace(w)?),
     };
     if let Some(report) = &options.report {
-        let parent = report.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = report
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !parent.is_dir() {
-            return Err(flag_err("--report", format!("{} is not a directory, so the report could not be written", parent.display())));
+            return Err(flag_err(
+                "--report",
+                format!(
+                    "{} is not a directory, so the report could not be written",
+                    parent.display()
+                ),
+            ));
         }
     }
     let ids = resolve_ids(&policy, workspace.as_deref())?;
@@ -130,22 +170,39 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
     let landlock_abi = crate::host::landlock_abi();
     if landlock_abi < policy.landlock_abi {
         let reason = if landlock_abi == 0 {
-            format!("policy {} needs Landlock ABI {} and this kernel has no Landlock", policy.name, policy.landlock_abi)
+            format!(
+                "policy {} needs Landlock ABI {} and this kernel has no Landlock",
+                policy.name, policy.landlock_abi
+            )
         } else {
-            format!("policy {} needs Landlock ABI {} and this kernel offers ABI {landlock_abi}", policy.name, policy.landlock_abi)
+            format!(
+                "policy {} needs Landlock ABI {} and this kernel offers ABI {landlock_abi}",
+                policy.name, policy.landlock_abi
+            )
         };
         if !allowed("landlock") {
-            return Err(Error::Refused { feature: "landlock".into(), reason });
+            return Err(Error::Refused {
+                feature: "landlock".into(),
+                reason,
+            });
         }
-        degraded.push(Degradation { feature: "landlock".into(), reason });
+        degraded.push(Degradation {
+            feature: "landlock".into(),
+            reason,
+        });
     }
     if !crate::host::seccomp_filter_available() {
         // seccomp is never optional, so no --allow-degraded is suggested.
         return Err(Error::Usage("refused: this kernel cannot install seccomp filters (CONFIG_SECCOMP_FILTER); agentd never runs a job without seccomp".into()));
     }
 
-    let host_cgroups = HostCgroups::detect().map_err(|e| Error::Usage(format!("cannot find the host's cgroups: {e}")))?;
-    let cg_limits = CgroupLimits { cpu: limits.cpu, memory: limits.memory, pids: limits.pids };
+    let host_cgroups = HostCgroups::detect()
+        .map_err(|e| Error::Usage(format!("cannot find the host's cgroups: {e}")))?;
+    let cg_limits = CgroupLimits {
+        cpu: limits.cpu,
+        memory: limits.memory,
+        pids: limits.pids,
+    };
     let usable = cgroup::usable_controllers(&host_cgroups, options.cgroup_parent.as_deref());
     let mut skip_controllers = Vec::new();
     for controller in cgroup::required_controllers(&cg_limits) {
@@ -153,7 +210,9 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
             continue;
         }
         let feature = format!("cgroup-{controller}");
-        let reason = format!("the {controller} controller is not available where agentd creates job cgroups, so the {controller} limit cannot be enforced");
+        let reason = format!(
+            "the {controller} controller is not available where agentd creates job cgroups, so the {controller} limit cannot be enforced"
+        );
         if !allowed(&feature) {
             return Err(Error::Refused { feature, reason });
         }
@@ -161,7 +220,15 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         skip_controllers.push(controller);
     }
 
-    let sandbox = build_sandbox_plan(&policy, &options, workspace.as_deref(), &ids, env, &limits, !allowed("landlock"));
+    let sandbox = build_sandbox_plan(
+        &policy,
+        &options,
+        workspace.as_deref(),
+        &ids,
+        env,
+        &limits,
+        !allowed("landlock"),
+    );
     Ok(JobPlan {
         landlock_dropped: landlock_rights_dropped(landlock_abi),
         policy,
@@ -179,12 +246,26 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
 
 fn validate_workspace(w: &Path) -> Result<PathBuf, Error> {
     let shown = w.display();
-    let path = std::fs::canonicalize(w).map_err(|e| flag_err("--workspace", format!("{shown}: {}", describe_io(&e))))?;
+    let path = std::fs::canonicalize(w)
+        .map_err(|e| flag_err("--workspace", format!("{shown}: {}", describe_io(&e))))?;
     if !path.is_dir() {
-        return Err(flag_err("--workspace", format!("{shown} is not a directory")));
+        return Err(flag_err(
+            "--workspace",
+            format!("{shown} is not a directory"),
+        ));
     }
-    if path == Path::new("/") || ["/proc", "/dev", "/sys"].iter().any(|p| path.starts_with(p)) {
-        return Err(flag_err("--workspace", format!("{} cannot be a workspace (the host's root or a kernel filesystem)", path.display())));
+    if path == Path::new("/")
+        || ["/proc", "/dev", "/sys"]
+            .iter()
+            .any(|p| path.starts_with(p))
+    {
+        return Err(flag_err(
+            "--workspace",
+            format!(
+                "{} cannot be a workspace (the host's root or a kernel filesystem)",
+                path.display()
+            ),
+        ));
     }
     Ok(path)
 }
@@ -202,7 +283,8 @@ fn describe_io(e: &std::io::Error) -> String {
 fn resolve_ids(policy: &Policy, workspace: Option<&Path>) -> Result<JobIds, Error> {
     let owner = match workspace {
         Some(ws) => {
-            let m = std::fs::metadata(ws).map_err(|e| flag_err("--workspace", format!("{}: {e}", ws.display())))?;
+            let m = std::fs::metadata(ws)
+                .map_err(|e| flag_err("--workspace", format!("{}: {e}", ws.display())))?;
             Some((m.uid(), m.gid()))
         }
         None => None,
@@ -216,10 +298,20 @@ fn resolve_ids(policy: &Policy, workspace: Option<&Path>) -> Result<JobIds, Erro
         _ => NOBODY,
     });
     let (uid, gid) = owner.unwrap_or((host_uid, host_gid));
-    Ok(JobIds { host_uid, host_gid, uid, gid, workspace_idmapped: owner.is_some_and(|o| o != (host_uid, host_gid)) })
+    Ok(JobIds {
+        host_uid,
+        host_gid,
+        uid,
+        gid,
+        workspace_idmapped: owner.is_some_and(|o| o != (host_uid, host_gid)),
+    })
 }
 
-fn build_env(policy: &Policy, options: &RunOptions, workspace: Option<&Path>) -> Result<BTreeMap<String, String>, Error> {
+fn build_env(
+    policy: &Policy,
+    options: &RunOptions,
+    workspace: Option<&Path>,
+) -> Result<BTreeMap<String, String>, Error> {
     let mut env = BTreeMap::new();
     for name in &policy.env_pass {
         if let Ok(v) = std::env::var(name) {
@@ -227,16 +319,23 @@ fn build_env(policy: &Policy, options: &RunOptions, workspace: Option<&Path>) ->
         }
     }
     env.extend(policy.env_set.clone());
-    env.entry("HOME".into()).or_insert_with(|| workspace.map_or("/tmp".into(), |w| w.display().to_string()));
-    env.entry("PATH".into()).or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    env.entry("HOME".into())
+        .or_insert_with(|| workspace.map_or("/tmp".into(), |w| w.display().to_string()));
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
     for item in &options.env {
         let (k, v) = match item.split_once('=') {
             Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
             None => (item.clone(), std::env::var(item).ok()),
         };
-        let valid = !k.is_empty() && !k.starts_with(|c: char| c.is_ascii_digit()) && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let valid = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid || v.as_deref().is_some_and(|v| v.contains('\0')) {
-            return Err(flag_err("--env", format!("\"{item}\" is not KEY=VALUE or the name of a variable to pass")));
+            return Err(flag_err(
+                "--env",
+                format!("\"{item}\" is not KEY=VALUE or the name of a variable to pass"),
+            ));
         }
         if let Some(v) = v {
             env.insert(k, v);
@@ -259,7 +358,14 @@ fn build_sandbox_plan(
     landlock_required: bool,
 ) -> SandboxPlan {
     use crate::sandbox::LandlockAccess as LA;
-    let binds: Vec<BindMount> = policy.filesystem.iter().map(|g| BindMount { path: g.path.clone(), access: g.access }).collect();
+    let binds: Vec<BindMount> = policy
+        .filesystem
+        .iter()
+        .map(|g| BindMount {
+            path: g.path.clone(),
+            access: g.access,
+        })
+        .collect();
     let mut paths: Vec<(PathBuf, LA)> = vec![
         ("/".into(), LA::ListOnly),
         ("/proc".into(), LA::Devices),
@@ -268,13 +374,33 @@ fn build_sandbox_plan(
         ("/dev/shm".into(), LA::Policy(Access::Write)),
         ("/tmp".into(), LA::Policy(Access::Write)),
     ];
-    paths.extend(policy.filesystem.iter().map(|g| (g.path.clone(), LA::Policy(g.access))));
+    paths.extend(
+        policy
+            .filesystem
+            .iter()
+            .map(|g| (g.path.clone(), LA::Policy(g.access))),
+    );
     if let Some(ws) = workspace {
         paths.push((ws.to_path_buf(), LA::Policy(Access::Write)));
     }
-    let search_path = env.get("PATH").map(|p| p.split(':').filter(|d| d.starts_with('/')).map(PathBuf::from).collect()).unwrap_or_default();
-    let envp = env.iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect();
-    let argv = options.command.iter().filter_map(|a| cstring(a.as_bytes(), "an argument").ok()).collect();
+    let search_path = env
+        .get("PATH")
+        .map(|p| {
+            p.split(':')
+                .filter(|d| d.starts_with('/'))
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let envp = env
+        .iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+    let argv = options
+        .command
+        .iter()
+        .filter_map(|a| cstring(a.as_bytes(), "an argument").ok())
+        .collect();
     SandboxPlan {
         root: PathBuf::new(), // set by the allocate step
         binds,
@@ -284,7 +410,12 @@ fn build_sandbox_plan(
         uid: ids.uid,
         gid: ids.gid,
         cwd: workspace.map_or_else(|| PathBuf::from("/tmp"), Path::to_path_buf),
-        landlock: LandlockPlan { paths, tcp_bind: policy.tcp_bind.clone(), tcp_connect: policy.tcp_connect.clone(), required: landlock_required },
+        landlock: LandlockPlan {
+            paths,
+            tcp_bind: policy.tcp_bind.clone(),
+            tcp_connect: policy.tcp_connect.clone(),
+            required: landlock_required,
+        },
         seccomp: seccomp::build(),
         argv,
         envp,

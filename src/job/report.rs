@@ -18,13 +18,28 @@ pub enum JobExit {
 
 impl JobExit {
     pub fn from_outcome(o: &Outcome) -> JobExit {
-        for m in &o.messages {
+        // The first message is the decisive one: a failure ends the child's account.
+        if let Some(m) = o.messages.first() {
             match m {
-                ChildMessage::SetupFailed { step, errno } => return JobExit::SetupFailed { step: step.clone(), errno: *errno },
-                ChildMessage::ExecFailed { command, errno } => return JobExit::ExecFailed { command: command.clone(), errno: *errno },
+                ChildMessage::SetupFailed { step, errno } => {
+                    return JobExit::SetupFailed {
+                        step: step.clone(),
+                        errno: *errno,
+                    };
+                }
+                ChildMessage::ExecFailed { command, errno } => {
+                    return JobExit::ExecFailed {
+                        command: command.clone(),
+                        errno: *errno,
+                    };
+                }
                 ChildMessage::Exited { wait_status } => {
                     let ws = *wait_status;
-                    return if libc::WIFSIGNALED(ws) { JobExit::Signaled(libc::WTERMSIG(ws)) } else { JobExit::Exited(libc::WEXITSTATUS(ws)) };
+                    return if libc::WIFSIGNALED(ws) {
+                        JobExit::Signaled(libc::WTERMSIG(ws))
+                    } else {
+                        JobExit::Exited(libc::WEXITSTATUS(ws))
+                    };
                 }
             }
         }
@@ -42,16 +57,30 @@ impl JobExit {
             JobExit::Exited(c) => *c,
             JobExit::Signaled(s) => 128 + s,
             JobExit::SetupFailed { .. } => 125,
-            JobExit::ExecFailed { errno, .. } => if *errno == libc::ENOENT { 127 } else { 126 },
+            JobExit::ExecFailed { errno, .. } => {
+                if *errno == libc::ENOENT {
+                    127
+                } else {
+                    126
+                }
+            }
         }
     }
 
     /// A one-line explanation for statuses 125-127.
     pub fn message(&self) -> Option<String> {
         match self {
-            JobExit::SetupFailed { step, errno } => Some(format!("sandbox setup failed: {step}: {}", std::io::Error::from_raw_os_error(*errno))),
-            JobExit::ExecFailed { command, errno } if *errno == libc::ENOENT => Some(format!("command not found: {command}")),
-            JobExit::ExecFailed { command, errno } => Some(format!("cannot execute {command}: {}", std::io::Error::from_raw_os_error(*errno))),
+            JobExit::SetupFailed { step, errno } => Some(format!(
+                "sandbox setup failed: {step}: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            )),
+            JobExit::ExecFailed { command, errno } if *errno == libc::ENOENT => {
+                Some(format!("command not found: {command}"))
+            }
+            JobExit::ExecFailed { command, errno } => Some(format!(
+                "cannot execute {command}: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            )),
             _ => None,
         }
     }
@@ -134,8 +163,14 @@ pub struct JobReport {
 pub fn exit_report(exit: &JobExit, timed_out: bool) -> ExitReport {
     ExitReport {
         status: exit.code(),
-        code: match exit { JobExit::Exited(c) => Some(*c), _ => None },
-        signal: match exit { JobExit::Signaled(s) => Some(*s), _ => None },
+        code: match exit {
+            JobExit::Exited(c) => Some(*c),
+            _ => None,
+        },
+        signal: match exit {
+            JobExit::Signaled(s) => Some(*s),
+            _ => None,
+        },
         timed_out,
         error: exit.message(),
     }

@@ -3,7 +3,7 @@
 
 use super::plan::JobIds;
 use crate::cgroup::JobCgroup;
-use crate::sandbox::{child_main, ChildPipes, SandboxPlan};
+use crate::sandbox::{ChildPipes, SandboxPlan, child_main};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -38,7 +38,15 @@ pub struct Child {
 impl Child {
     pub fn signal(&self, sig: i32) {
         // SAFETY: pidfd_send_signal on our own child's pidfd; no siginfo.
-        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
     }
 
     /// Waits for the child; returns (si_code, si_status).
@@ -47,7 +55,14 @@ impl Child {
             // SAFETY: siginfo_t is plain data the kernel fills in.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid(P_PIDFD) on our child's pidfd.
-            let r = unsafe { libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PIDFD,
+                    self.pidfd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED,
+                )
+            };
             if r == 0 {
                 self.reaped = true;
                 // SAFETY: for CLD_* codes si_status is the valid union member.
@@ -74,8 +89,14 @@ impl Drop for Child {
 pub enum SpawnError {
     #[error("{0}: {1}")]
     Sys(&'static str, std::io::Error),
-    #[error("cannot idmap the workspace {path} for uid {uid}: {source} (its filesystem may not support idmapped mounts; make the workspace owned by the job's user or set user.uid in the policy)")]
-    Idmap { path: String, uid: u32, source: std::io::Error },
+    #[error(
+        "cannot idmap the workspace {path} for uid {uid}: {source} (its filesystem may not support idmapped mounts; make the workspace owned by the job's user or set user.uid in the policy)"
+    )]
+    Idmap {
+        path: String,
+        uid: u32,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("injected fault at {0}")]
@@ -99,9 +120,17 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
 /// A detached clone of the workspace mount, to be idmapped once the job's user
 /// namespace exists. Opened before clone so the child inherits the fd.
 pub fn open_workspace_tree(workspace: &Path) -> Result<OwnedFd, SpawnError> {
-    let c = std::ffi::CString::new(workspace.as_os_str().as_encoded_bytes()).map_err(|_| SpawnError::Sys("workspace path", std::io::ErrorKind::InvalidInput.into()))?;
+    let c = std::ffi::CString::new(workspace.as_os_str().as_encoded_bytes())
+        .map_err(|_| SpawnError::Sys("workspace path", std::io::ErrorKind::InvalidInput.into()))?;
     // SAFETY: open_tree with a valid path; returns a new fd we own.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE,
+        )
+    };
     if fd < 0 {
         return Err(last("open_tree(workspace)"));
     }
@@ -122,7 +151,12 @@ pub fn spawn(
     let mut pidfd: RawFd = -1;
     // SAFETY: clone_args is plain data; zero is the neutral value of every field.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    args.flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64
+    args.flags = (libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS) as u64
         | libc::CLONE_PIDFD as u64;
     args.pidfd = &mut pidfd as *mut RawFd as u64;
     args.exit_signal = libc::SIGCHLD as u64;
@@ -132,11 +166,20 @@ pub fn spawn(
     }
     // SAFETY: agentd is single-threaded here, so the child (a copy of this process
     // without CLONE_VM) may run ordinary Rust code; it never returns from child_main.
-    let pid = unsafe { libc::syscall(libc::SYS_clone3, &args as *const libc::clone_args, std::mem::size_of::<libc::clone_args>()) };
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
     if pid == 0 {
         drop(sync_write);
         drop(status_read);
-        let pipes = ChildPipes { sync_read: sync_read.as_raw_fd(), status_write: status_write.as_raw_fd() };
+        let pipes = ChildPipes {
+            sync_read: sync_read.as_raw_fd(),
+            status_write: status_write.as_raw_fd(),
+        };
         std::mem::forget(sync_read);
         std::mem::forget(status_write);
         child_main(plan, pipes);
@@ -156,10 +199,22 @@ pub fn spawn(
 
     // Handshake 2: id maps, idmapped workspace; then release the child to build its root.
     // Any error drops `child` (killed and reaped) and `sync_write` (the child sees EOF).
-    std::fs::write(format!("/proc/{pid}/uid_map"), format!("{} {} 1\n", ids.uid, ids.host_uid)).map_err(|e| SpawnError::Sys("write uid_map", e))?;
-    std::fs::write(format!("/proc/{pid}/gid_map"), format!("{} {} 1\n", ids.gid, ids.host_gid)).map_err(|e| SpawnError::Sys("write gid_map", e))?;
+    std::fs::write(
+        format!("/proc/{pid}/uid_map"),
+        format!("{} {} 1\n", ids.uid, ids.host_uid),
+    )
+    .map_err(|e| SpawnError::Sys("write uid_map", e))?;
+    std::fs::write(
+        format!("/proc/{pid}/gid_map"),
+        format!("{} {} 1\n", ids.gid, ids.host_gid),
+    )
+    .map_err(|e| SpawnError::Sys("write gid_map", e))?;
     if let (Some(tree), Some(ws)) = (plan.workspace_tree, &plan.workspace) {
-        idmap(tree, child.pid).map_err(|source| SpawnError::Idmap { path: ws.display().to_string(), uid: ids.host_uid, source })?;
+        idmap(tree, child.pid).map_err(|source| SpawnError::Idmap {
+            path: ws.display().to_string(),
+            uid: ids.host_uid,
+            source,
+        })?;
     }
     if fault == Some("after-clone") {
         return Err(SpawnError::Fault("after-clone"));
@@ -190,10 +245,26 @@ fn release(sync_write: &OwnedFd) -> Result<bool, SpawnError> {
 /// Attaches the job's user namespace to the detached workspace mount as its idmap.
 fn idmap(tree: RawFd, pid: i32) -> std::io::Result<()> {
     let userns = File::open(format!("/proc/{pid}/ns/user"))?;
-    let attr = MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns.as_raw_fd() as u64 };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
     // SAFETY: tree is our open_tree fd, attr a valid mount_attr of the given size.
     let r = unsafe {
-        libc::syscall(libc::SYS_mount_setattr, tree, c"".as_ptr(), libc::AT_EMPTY_PATH as u32 | AT_RECURSIVE, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as u32 | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
     };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -2,7 +2,7 @@
 //! (SIGTERM, then SIGKILL after a grace period), and collect how it ended.
 
 use super::spawn::Child;
-use crate::sandbox::handshake::{read_all, ChildMessage};
+use crate::sandbox::handshake::{ChildMessage, read_all};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,10 @@ impl SignalGuard {
                 libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
                 return Err(e);
             }
-            Ok(SignalGuard { fd: OwnedFd::from_raw_fd(fd), old })
+            Ok(SignalGuard {
+                fd: OwnedFd::from_raw_fd(fd),
+                old,
+            })
         }
     }
 
@@ -47,8 +50,15 @@ impl SignalGuard {
     pub fn next(&self) -> Option<i32> {
         // SAFETY: signalfd_siginfo is plain data; read fills at most its size.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), std::mem::size_of::<libc::signalfd_siginfo>()) };
-        (n == std::mem::size_of::<libc::signalfd_siginfo>() as isize).then_some(info.ssi_signo as i32)
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            )
+        };
+        (n == std::mem::size_of::<libc::signalfd_siginfo>() as isize)
+            .then_some(info.ssi_signo as i32)
     }
 }
 
@@ -69,7 +79,12 @@ pub struct Outcome {
     pub forwarded: Vec<i32>,
 }
 
-pub fn supervise(child: &mut Child, signals: &SignalGuard, timeout: Option<Duration>, started: Instant) -> Outcome {
+pub fn supervise(
+    child: &mut Child,
+    signals: &SignalGuard,
+    timeout: Option<Duration>,
+    started: Instant,
+) -> Outcome {
     let deadline = timeout.map(|t| started + t);
     let mut kill_at: Option<Instant> = None;
     let mut timed_out = false;
@@ -85,11 +100,27 @@ pub fn supervise(child: &mut Child, signals: &SignalGuard, timeout: Option<Durat
             child.signal(libc::SIGKILL);
             kill_at = None;
         }
-        let next = [if timed_out { None } else { deadline }, kill_at].into_iter().flatten().min();
-        let wait_ms = next.map_or(-1, |t| t.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32 + 1);
+        let next = [if timed_out { None } else { deadline }, kill_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait_ms = next.map_or(-1, |t| {
+            t.saturating_duration_since(now)
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+                + 1
+        });
         let mut fds = [
-            libc::pollfd { fd: child.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: signals.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: child.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: polling two valid descriptors in a local array.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait_ms) };
@@ -110,5 +141,11 @@ pub fn supervise(child: &mut Child, signals: &SignalGuard, timeout: Option<Durat
     // Every writer of the status pipe was in the job's pid namespace, which ended with
     // its init, so this read reaches EOF.
     let messages = read_all(&mut child.status);
-    Outcome { si_code, si_status, messages, timed_out, forwarded }
+    Outcome {
+        si_code,
+        si_status,
+        messages,
+        timed_out,
+        forwarded,
+    }
 }

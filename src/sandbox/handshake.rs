@@ -67,8 +67,14 @@ pub fn read_all(mut pipe: impl Read) -> Vec<ChildMessage> {
         }
         let detail = String::from_utf8_lossy(&rest[12..12 + len]).into_owned();
         out.push(match kind {
-            MSG_SETUP_FAILED => ChildMessage::SetupFailed { step: detail, errno: value },
-            MSG_EXEC_FAILED => ChildMessage::ExecFailed { command: detail, errno: value },
+            MSG_SETUP_FAILED => ChildMessage::SetupFailed {
+                step: detail,
+                errno: value,
+            },
+            MSG_EXEC_FAILED => ChildMessage::ExecFailed {
+                command: detail,
+                errno: value,
+            },
             MSG_EXITED => ChildMessage::Exited { wait_status: value },
             _ => break,
         });
@@ -92,8 +98,13 @@ mod tests {
         assert_eq!(
             read_all(stream.as_slice()),
             vec![
-                ChildMessage::SetupFailed { step: "bind-mount /usr".into(), errno: libc::EPERM },
-                ChildMessage::Exited { wait_status: 0x0900 }
+                ChildMessage::SetupFailed {
+                    step: "bind-mount /usr".into(),
+                    errno: libc::EPERM
+                },
+                ChildMessage::Exited {
+                    wait_status: 0x0900
+                }
             ]
         );
     }

@@ -1,6 +1,6 @@
 //! The job's identity: its uid/gid, no supplementary groups, no capabilities, ever.
 
-use super::{fail, SetupError};
+use super::{SetupError, fail};
 use caps::CapSet;
 
 // securebits (include/uapi/linux/securebits.h).
@@ -13,7 +13,10 @@ const SECBIT_NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
 const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
 
 fn caps_err(step: &'static str) -> impl FnOnce(caps::errors::CapsError) -> SetupError {
-    move |_| SetupError { step: step.into(), errno: nix::errno::Errno::last() as i32 }
+    move |_| SetupError {
+        step: step.into(),
+        errno: nix::errno::Errno::last() as i32,
+    }
 }
 
 /// Becomes the job's user while keeping capabilities in the job's user namespace (the
@@ -24,15 +27,23 @@ pub fn become_job_user(uid: u32, gid: u32) -> Result<(), SetupError> {
     // namespace never regains capabilities through execve (NOROOT), a uid change never
     // adjusts them (NO_SETUID_FIXUP: we clear them explicitly below), and ambient
     // capabilities can never be raised.
-    let bits = SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED
-        | SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
+    let bits = SECBIT_NOROOT
+        | SECBIT_NOROOT_LOCKED
+        | SECBIT_NO_SETUID_FIXUP
+        | SECBIT_NO_SETUID_FIXUP_LOCKED
+        | SECBIT_KEEP_CAPS_LOCKED
+        | SECBIT_NO_CAP_AMBIENT_RAISE
+        | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits) } != 0 {
         return Err(fail("lock the securebits")(nix::errno::Errno::last()));
     }
     // No supplementary groups: host root's groups must not follow the job in.
     nix::unistd::setgroups(&[]).map_err(fail("drop supplementary groups"))?;
-    let (g, u) = (nix::unistd::Gid::from_raw(gid), nix::unistd::Uid::from_raw(uid));
+    let (g, u) = (
+        nix::unistd::Gid::from_raw(gid),
+        nix::unistd::Uid::from_raw(uid),
+    );
     nix::unistd::setresgid(g, g, g).map_err(fail(format!("switch to gid {gid}")))?;
     nix::unistd::setresuid(u, u, u).map_err(fail(format!("switch to uid {uid}")))
 }

@@ -4,8 +4,8 @@
 //! when the main process ends reports its wait status and exits, which makes the kernel
 //! kill whatever else is left in the namespace.
 
-use super::handshake::{send, MSG_EXEC_FAILED, MSG_EXITED};
-use super::{fail, SandboxPlan, SetupError};
+use super::handshake::{MSG_EXEC_FAILED, MSG_EXITED, send};
+use super::{SandboxPlan, SetupError, fail};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 
@@ -17,7 +17,12 @@ pub fn run(plan: &SandboxPlan, status_fd: i32) -> Result<std::convert::Infallibl
         if status_fd > 3 {
             libc::syscall(libc::SYS_close_range, 3u32, (status_fd - 1) as u32, 0u32);
         }
-        libc::syscall(libc::SYS_close_range, (status_fd + 1) as u32, u32::MAX, 0u32);
+        libc::syscall(
+            libc::SYS_close_range,
+            (status_fd + 1) as u32,
+            u32::MAX,
+            0u32,
+        );
     }
     // Block everything before the fork so no signal is lost between the fork and the
     // wait loop; the main process unblocks its copy before exec. (Blocked signals reach
@@ -32,7 +37,9 @@ pub fn run(plan: &SandboxPlan, status_fd: i32) -> Result<std::convert::Infallibl
     // execve or _exit.
     let main = unsafe { libc::fork() };
     if main < 0 {
-        return Err(fail("fork the job's main process")(nix::errno::Errno::last()));
+        return Err(fail("fork the job's main process")(
+            nix::errno::Errno::last(),
+        ));
     }
     if main == 0 {
         exec_main(plan, status_fd);
@@ -83,15 +90,35 @@ fn exec_main(plan: &SandboxPlan, status_fd: i32) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // No descriptor of agentd's (or of whoever started agentd) beyond stdio reaches
         // the job: mark them all close-on-exec.
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
     }
     if let Err(e) = super::seccomp::install(&plan.seccomp) {
-        send(status_fd, super::handshake::MSG_SETUP_FAILED, e.raw_os_error().unwrap_or(libc::EPERM), b"install the seccomp filter");
+        send(
+            status_fd,
+            super::handshake::MSG_SETUP_FAILED,
+            e.raw_os_error().unwrap_or(libc::EPERM),
+            b"install the seccomp filter",
+        );
         // SAFETY: leaving the forked child.
         unsafe { libc::_exit(125) };
     }
-    let argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let argv: Vec<*const libc::c_char> = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = plan
+        .envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
     let command = plan.argv[0].as_bytes();
 
     // Like execvp: a name with '/' is used as is; otherwise each PATH directory is tried,
@@ -100,12 +127,15 @@ fn exec_main(plan: &SandboxPlan, status_fd: i32) -> ! {
     let candidates: Vec<CString> = if command.contains(&b'/') {
         vec![plan.argv[0].clone()]
     } else {
-        plan.search_path.iter().map(|d| {
-            let mut p = d.as_os_str().as_bytes().to_vec();
-            p.push(b'/');
-            p.extend_from_slice(command);
-            CString::new(p).expect("no NUL in PATH entries")
-        }).collect()
+        plan.search_path
+            .iter()
+            .map(|d| {
+                let mut p = d.as_os_str().as_bytes().to_vec();
+                p.push(b'/');
+                p.extend_from_slice(command);
+                CString::new(p).expect("no NUL in PATH entries")
+            })
+            .collect()
     };
     for candidate in &candidates {
         // SAFETY: argv and envp are NULL-terminated arrays of valid C strings, alive here.

@@ -5,11 +5,11 @@
 //! ABI is older than the policy's `sandbox.landlock_abi` (unless the downgrade is asked
 //! for), and reports which rights the kernel dropped.
 
-use super::{SetupError};
+use super::SetupError;
 use crate::spec::Access;
 use landlock::{
-    make_bitflags, Access as _, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    ABI, Access as _, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
+    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, make_bitflags,
 };
 use std::path::PathBuf;
 
@@ -39,10 +39,14 @@ pub enum LandlockAccess {
 fn rights(access: LandlockAccess) -> BitFlags<AccessFs> {
     match access {
         LandlockAccess::Policy(Access::Read) => make_bitflags!(AccessFs::{ReadFile | ReadDir}),
-        LandlockAccess::Policy(Access::Exec) => make_bitflags!(AccessFs::{ReadFile | ReadDir | Execute}),
+        LandlockAccess::Policy(Access::Exec) => {
+            make_bitflags!(AccessFs::{ReadFile | ReadDir | Execute})
+        }
         LandlockAccess::Policy(Access::Write) => AccessFs::from_all(NEWEST),
         LandlockAccess::ListOnly => make_bitflags!(AccessFs::{ReadDir}),
-        LandlockAccess::Devices => make_bitflags!(AccessFs::{ReadFile | ReadDir | WriteFile | IoctlDev}),
+        LandlockAccess::Devices => {
+            make_bitflags!(AccessFs::{ReadFile | ReadDir | WriteFile | IoctlDev})
+        }
     }
 }
 
@@ -72,9 +76,20 @@ fn abi_of(version: u32) -> ABI {
 /// The rights agentd asks for that a kernel with ABI `kernel_abi` cannot enforce.
 pub fn landlock_rights_dropped(kernel_abi: u32) -> Vec<String> {
     let have = abi_of(kernel_abi);
-    let mut dropped: Vec<String> = (AccessFs::from_all(NEWEST) & !AccessFs::from_all(have)).iter().map(|r| format!("fs:{r:?}")).collect();
-    dropped.extend((handled_net() & !AccessNet::from_all(have)).iter().map(|r| format!("net:{r:?}")));
-    dropped.extend((Scope::from_all(NEWEST) & !Scope::from_all(have)).iter().map(|r| format!("scope:{r:?}")));
+    let mut dropped: Vec<String> = (AccessFs::from_all(NEWEST) & !AccessFs::from_all(have))
+        .iter()
+        .map(|r| format!("fs:{r:?}"))
+        .collect();
+    dropped.extend(
+        (handled_net() & !AccessNet::from_all(have))
+            .iter()
+            .map(|r| format!("net:{r:?}")),
+    );
+    dropped.extend(
+        (Scope::from_all(NEWEST) & !Scope::from_all(have))
+            .iter()
+            .map(|r| format!("scope:{r:?}")),
+    );
     dropped
 }
 
@@ -82,7 +97,9 @@ fn err(step: &str) -> impl FnOnce(landlock::RulesetError) -> SetupError + '_ {
     move |e| SetupError {
         step: format!("{step}: {e}"),
         errno: match &e {
-            landlock::RulesetError::CreateRuleset(landlock::CreateRulesetError::CreateRulesetCall { source, .. }) => source.raw_os_error().unwrap_or(libc::EPERM),
+            landlock::RulesetError::CreateRuleset(
+                landlock::CreateRulesetError::CreateRulesetCall { source, .. },
+            ) => source.raw_os_error().unwrap_or(libc::EPERM),
             _ => libc::EPERM,
         },
     }
@@ -100,18 +117,30 @@ pub fn restrict(plan: &LandlockPlan) -> Result<(), SetupError> {
         .create()
         .map_err(err("create the Landlock ruleset"))?;
     for (path, access) in &plan.paths {
-        let fd = PathFd::new(path).map_err(|e| SetupError { step: format!("open {} for Landlock: {e}", path.display()), errno: libc::ENOENT })?;
-        ruleset = ruleset.add_rule(PathBeneath::new(fd, rights(*access))).map_err(err("add a Landlock path rule"))?;
+        let fd = PathFd::new(path).map_err(|e| SetupError {
+            step: format!("open {} for Landlock: {e}", path.display()),
+            errno: libc::ENOENT,
+        })?;
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, rights(*access)))
+            .map_err(err("add a Landlock path rule"))?;
     }
     for port in &plan.tcp_bind {
-        ruleset = ruleset.add_rule(NetPort::new(*port, AccessNet::BindTcp)).map_err(err("add a Landlock port rule"))?;
+        ruleset = ruleset
+            .add_rule(NetPort::new(*port, AccessNet::BindTcp))
+            .map_err(err("add a Landlock port rule"))?;
     }
     for port in &plan.tcp_connect {
-        ruleset = ruleset.add_rule(NetPort::new(*port, AccessNet::ConnectTcp)).map_err(err("add a Landlock port rule"))?;
+        ruleset = ruleset
+            .add_rule(NetPort::new(*port, AccessNet::ConnectTcp))
+            .map_err(err("add a Landlock port rule"))?;
     }
     let status = ruleset.restrict_self().map_err(err("enforce Landlock"))?;
     if status.ruleset == RulesetStatus::NotEnforced && plan.required {
-        return Err(SetupError { step: "enforce Landlock: the kernel enforced nothing".into(), errno: libc::ENOSYS });
+        return Err(SetupError {
+            step: "enforce Landlock: the kernel enforced nothing".into(),
+            errno: libc::ENOSYS,
+        });
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ mod landlock;
 mod mounts;
 pub mod seccomp;
 
-pub use landlock::{landlock_rights_dropped, LandlockAccess, LandlockPlan};
+pub use landlock::{LandlockAccess, LandlockPlan, landlock_rights_dropped};
 
 use crate::spec::Access;
 use std::ffi::CString;
@@ -79,12 +79,18 @@ pub struct SetupError {
 
 pub(crate) fn fail(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> SetupError {
     let step = step.into();
-    move |e| SetupError { step, errno: e as i32 }
+    move |e| SetupError {
+        step,
+        errno: e as i32,
+    }
 }
 
 pub(crate) fn fail_io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
     let step = step.into();
-    move |e| SetupError { step, errno: e.raw_os_error().unwrap_or(libc::EIO) }
+    move |e| SetupError {
+        step,
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
+    }
 }
 
 /// Pipe ends the child holds.
@@ -98,7 +104,12 @@ pub fn child_main(plan: &SandboxPlan, pipes: ChildPipes) -> ! {
     match setup(plan, &pipes) {
         Ok(never) => match never {},
         Err(e) => {
-            handshake::send(pipes.status_write, handshake::MSG_SETUP_FAILED, e.errno, e.step.as_bytes());
+            handshake::send(
+                pipes.status_write,
+                handshake::MSG_SETUP_FAILED,
+                e.errno,
+                e.step.as_bytes(),
+            );
             // SAFETY: leaving the child without running the parent's destructors.
             unsafe { libc::_exit(125) }
         }
@@ -118,7 +129,10 @@ fn wait_for_parent(sync_read: RawFd) {
 
 fn fault_point(plan: &SandboxPlan, step: &str) -> Result<(), SetupError> {
     if plan.fault.as_deref() == Some(step) {
-        return Err(SetupError { step: format!("{step} (injected fault)"), errno: libc::EIO });
+        return Err(SetupError {
+            step: format!("{step} (injected fault)"),
+            errno: libc::EIO,
+        });
     }
     Ok(())
 }
@@ -127,7 +141,9 @@ fn setup(plan: &SandboxPlan, pipes: &ChildPipes) -> Result<std::convert::Infalli
     // 1. If agentd dies, so does the job: nothing may outlive its supervisor unobserved.
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        return Err(fail("set the parent-death signal")(nix::errno::Errno::last()));
+        return Err(fail("set the parent-death signal")(
+            nix::errno::Errno::last(),
+        ));
     }
     // Handshake step 2: one byte means the parent has written our id maps; EOF means
     // it gave up, and we must not run anything.
@@ -151,13 +167,17 @@ fn setup(plan: &SandboxPlan, pipes: &ChildPipes) -> Result<std::convert::Infalli
     // SAFETY: closing our copy of a pipe fd we own.
     unsafe { libc::close(pipes.sync_read) };
     // A cgroup namespace rooted at the job's cgroup, now that we are inside all of them.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(fail("create the cgroup namespace"))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .map_err(fail("create the cgroup namespace"))?;
 
     // 5. No capability survives this; no execve can grant one again.
     identity::drop_capabilities()?;
 
     // 6. Landlock, while the paths are still open-able by name.
-    std::env::set_current_dir(&plan.cwd).map_err(fail_io(format!("enter the working directory {}", plan.cwd.display())))?;
+    std::env::set_current_dir(&plan.cwd).map_err(fail_io(format!(
+        "enter the working directory {}",
+        plan.cwd.display()
+    )))?;
     landlock::restrict(&plan.landlock)?;
     fault_point(plan, "after-landlock")?;
 

@@ -1,8 +1,8 @@
 //! The job's filesystem view: an empty tmpfs root with only what the policy grants.
 
-use super::{fail, fail_io, SandboxPlan, SetupError};
+use super::{SandboxPlan, SetupError, fail, fail_io};
 use crate::spec::Access;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -29,14 +29,28 @@ fn cpath(p: &Path) -> CString {
 /// Sets mount attributes on the mount at `path` (and, if `recursive`, every mount below).
 /// Only ever sets flags: clearing a flag the host locked would fail, and is never wanted.
 fn set_attrs(path: &Path, attrs: u64, recursive: bool) -> Result<(), SetupError> {
-    let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
     let c = cpath(path);
     // SAFETY: c and attr are valid for the call; the kernel reads size_of::<MountAttr>() bytes.
     let r = unsafe {
-        libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c.as_ptr(), if recursive { AT_RECURSIVE } else { 0 }, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            if recursive { AT_RECURSIVE } else { 0 },
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
     };
     if r != 0 {
-        return Err(fail(format!("restrict the mount {}", path.display()))(nix::errno::Errno::last()));
+        return Err(fail(format!("restrict the mount {}", path.display()))(
+            nix::errno::Errno::last(),
+        ));
     }
     Ok(())
 }
@@ -52,9 +66,15 @@ fn make_mount_point(target: &Path, source_is_dir: bool) -> Result<(), SetupError
         std::fs::create_dir_all(target).map_err(fail_io(format!("create {}", target.display())))
     } else {
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(fail_io(format!("create {}", parent.display())))?;
+            std::fs::create_dir_all(parent)
+                .map_err(fail_io(format!("create {}", parent.display())))?;
         }
-        match std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(target) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(target)
+        {
             Ok(_) => Ok(()),
             Err(e) => Err(fail_io(format!("create {}", target.display()))(e)),
         }
@@ -65,10 +85,17 @@ fn make_mount_point(target: &Path, source_is_dir: bool) -> Result<(), SetupError
 fn bind(source: &Path, target: &Path, writable: bool) -> Result<(), SetupError> {
     // Follows symlinks (/bin -> usr/bin, /etc/resolv.conf -> ../run/...): the job sees
     // the target's content at the granted path, as bwrap's --ro-bind does.
-    let meta = std::fs::metadata(source).map_err(fail_io(format!("inspect {}", source.display())))?;
+    let meta =
+        std::fs::metadata(source).map_err(fail_io(format!("inspect {}", source.display())))?;
     make_mount_point(target, meta.is_dir())?;
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(fail(format!("bind-mount {}", source.display())))?;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(fail(format!("bind-mount {}", source.display())))?;
     let attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | if writable { 0 } else { MOUNT_ATTR_RDONLY };
     set_attrs(target, attrs, true)
 }
@@ -79,14 +106,26 @@ fn bind(source: &Path, target: &Path, writable: bool) -> Result<(), SetupError> 
 /// this works relative to the working directory.
 pub fn enter_new_root(plan: &SandboxPlan) -> Result<(), SetupError> {
     // Nothing mounted from here on may propagate back to the host's mount namespace.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(fail("make the mount namespace private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(fail("make the mount namespace private"))?;
     // An empty tmpfs is the root: what the policy does not grant simply is not there.
     // Owned by the job's user, who builds its contents next (it is read-only by the
     // time the job runs).
     let opts = format!("mode=0755,uid={},gid={}", plan.uid, plan.gid);
-    mount(Some("agentd-root"), &plan.root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
-        .map_err(fail("mount the job's root tmpfs"))?;
+    mount(
+        Some("agentd-root"),
+        &plan.root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(fail("mount the job's root tmpfs"))?;
     std::env::set_current_dir(&plan.root).map_err(fail_io("enter the new root"))
 }
 
@@ -104,8 +143,14 @@ pub fn populate_root(plan: &SandboxPlan) -> Result<(), SetupError> {
     // A fresh /proc for the job's pid namespace: it shows only the job's processes.
     let proc_dir = root.join("proc");
     make_mount_point(&proc_dir, true)?;
-    mount(Some("proc"), &proc_dir, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-        .map_err(fail("mount /proc"))?;
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(fail("mount /proc"))?;
 
     build_dev(root)?;
 
@@ -116,8 +161,14 @@ pub fn populate_root(plan: &SandboxPlan) -> Result<(), SetupError> {
         Some(bytes) => format!("mode=1777,size={bytes}"),
         None => "mode=1777".to_owned(),
     };
-    mount(Some("tmpfs"), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(tmp_opts.as_str()))
-        .map_err(fail("mount /tmp"))?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(tmp_opts.as_str()),
+    )
+    .map_err(fail("mount /tmp"))?;
 
     // The workspace at its own absolute path, writable; after /tmp, so a workspace
     // below /tmp is not hidden by the private one. If its owner is not the job's
@@ -129,9 +180,21 @@ pub fn populate_root(plan: &SandboxPlan) -> Result<(), SetupError> {
                 make_mount_point(&target, true)?;
                 let t = cpath(&target);
                 // SAFETY: tree is the detached mount fd from open_tree, target a valid C path.
-                let r = unsafe { libc::syscall(libc::SYS_move_mount, tree, c"".as_ptr(), libc::AT_FDCWD, t.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) };
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_move_mount,
+                        tree,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        t.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    )
+                };
                 if r != 0 {
-                    return Err(fail(format!("mount the idmapped workspace {}", ws.display()))(nix::errno::Errno::last()));
+                    return Err(fail(format!(
+                        "mount the idmapped workspace {}",
+                        ws.display()
+                    ))(nix::errno::Errno::last()));
                 }
                 set_attrs(&target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, true)?;
             }
@@ -146,34 +209,69 @@ pub fn populate_root(plan: &SandboxPlan) -> Result<(), SetupError> {
     std::env::set_current_dir("/").map_err(fail_io("enter /"))?;
 
     // The root's own tmpfs becomes read-only now that every mount point exists.
-    set_attrs(Path::new("/"), MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, false)
+    set_attrs(
+        Path::new("/"),
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        false,
+    )
 }
 
 /// A minimal /dev: the six harmless character devices, a private devpts, /dev/shm.
 fn build_dev(root: &Path) -> Result<(), SetupError> {
     let dev = root.join("dev");
     make_mount_point(&dev, true)?;
-    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))
-        .map_err(fail("mount /dev"))?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755"),
+    )
+    .map_err(fail("mount /dev"))?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let host = Path::new("/dev").join(name);
         let target = dev.join(name);
         make_mount_point(&target, false)?;
-        mount(Some(&host), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(fail(format!("bind {}", host.display())))?;
+        mount(
+            Some(&host),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(fail(format!("bind {}", host.display())))?;
         set_attrs(&target, MOUNT_ATTR_NOSUID, false)?;
     }
     // A new devpts instance: the job's terminals are its own, the host's are not visible.
     let pts = dev.join("pts");
     make_mount_point(&pts, true)?;
-    mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))
-        .map_err(fail("mount /dev/pts"))?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(fail("mount /dev/pts"))?;
     std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx")).map_err(fail_io("link /dev/ptmx"))?;
     let shm = dev.join("shm");
     make_mount_point(&shm, true)?;
-    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
-        .map_err(fail("mount /dev/shm"))?;
-    for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
-        std::os::unix::fs::symlink(target, dev.join(link)).map_err(fail_io(format!("link /dev/{link}")))?;
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(fail("mount /dev/shm"))?;
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link))
+            .map_err(fail_io(format!("link /dev/{link}")))?;
     }
     // No new device nodes or files in /dev itself; pts and shm stay writable.
     set_attrs(&dev, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, false)
@@ -184,7 +282,9 @@ pub fn loopback_up() -> Result<(), SetupError> {
     // SAFETY: socket(2) with constant arguments; the fd is closed below.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
-        return Err(fail("open a socket to configure loopback")(nix::errno::Errno::last()));
+        return Err(fail("open a socket to configure loopback")(
+            nix::errno::Errno::last(),
+        ));
     }
     // SAFETY: ifreq is plain data; the name "lo" fits in IFNAMSIZ; both ioctls read and
     // write only that struct.

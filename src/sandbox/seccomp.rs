@@ -123,10 +123,18 @@ enum Label {
 
 enum Insn {
     Stmt(u16, u32),
-    Jump { code: u16, k: u32, jt: Label, jf: Label },
+    Jump {
+        code: u16,
+        k: u32,
+        jt: Label,
+        jf: Label,
+    },
     Ret(Label),
     /// If the syscall number is not `nr`, skip the next `len` instructions.
-    Guard { nr: u32, len: u8 },
+    Guard {
+        nr: u32,
+        len: u8,
+    },
 }
 
 pub fn build() -> SeccompProgram {
@@ -140,14 +148,34 @@ pub fn build() -> SeccompProgram {
 
     let mut p = vec![
         Insn::Stmt(LD_W_ABS, 4),
-        Insn::Jump { code: JEQ, k: AUDIT_ARCH_X86_64, jt: Next, jf: Eperm },
+        Insn::Jump {
+            code: JEQ,
+            k: AUDIT_ARCH_X86_64,
+            jt: Next,
+            jf: Eperm,
+        },
         Insn::Stmt(LD_W_ABS, 0),
-        Insn::Jump { code: JGE, k: X32_SYSCALL_BIT, jt: Eperm, jf: Next },
+        Insn::Jump {
+            code: JGE,
+            k: X32_SYSCALL_BIT,
+            jt: Eperm,
+            jf: Next,
+        },
     ];
     for (_, nr) in DENIED {
-        p.push(Insn::Jump { code: JEQ, k: *nr as u32, jt: Eperm, jf: Next });
+        p.push(Insn::Jump {
+            code: JEQ,
+            k: *nr as u32,
+            jt: Eperm,
+            jf: Next,
+        });
     }
-    p.push(Insn::Jump { code: JEQ, k: libc::SYS_clone3 as u32, jt: Enosys, jf: Next });
+    p.push(Insn::Jump {
+        code: JEQ,
+        k: libc::SYS_clone3 as u32,
+        jt: Enosys,
+        jf: Next,
+    });
 
     // Argument checks: each block reloads the syscall number after it, so blocks can
     // be added without tracking what the accumulator holds.
@@ -158,21 +186,54 @@ pub fn build() -> SeccompProgram {
         check(p);
         p.push(Insn::Ret(Allow));
         let len = p.len() - start - 1;
-        p[start] = Insn::Guard { nr: nr as u32, len: u8::try_from(len).expect("short block") };
+        p[start] = Insn::Guard {
+            nr: nr as u32,
+            len: u8::try_from(len).expect("short block"),
+        };
     };
     arg_block(&mut p, libc::SYS_ioctl, 1, &|p| {
-        p.push(Insn::Jump { code: JEQ, k: libc::TIOCSTI as u32, jt: Eperm, jf: Next });
-        p.push(Insn::Jump { code: JEQ, k: libc::TIOCLINUX as u32, jt: Eperm, jf: Next });
+        p.push(Insn::Jump {
+            code: JEQ,
+            k: libc::TIOCSTI as u32,
+            jt: Eperm,
+            jf: Next,
+        });
+        p.push(Insn::Jump {
+            code: JEQ,
+            k: libc::TIOCLINUX as u32,
+            jt: Eperm,
+            jf: Next,
+        });
     });
     arg_block(&mut p, libc::SYS_clone, 0, &|p| {
-        p.push(Insn::Jump { code: JSET, k: CLONE_NEW_FLAGS, jt: Eperm, jf: Next });
+        p.push(Insn::Jump {
+            code: JSET,
+            k: CLONE_NEW_FLAGS,
+            jt: Eperm,
+            jf: Next,
+        });
     });
     arg_block(&mut p, libc::SYS_unshare, 0, &|p| {
-        p.push(Insn::Jump { code: JSET, k: UNSHARE_NEW_FLAGS, jt: Eperm, jf: Next });
+        p.push(Insn::Jump {
+            code: JSET,
+            k: UNSHARE_NEW_FLAGS,
+            jt: Eperm,
+            jf: Next,
+        });
     });
     arg_block(&mut p, libc::SYS_personality, 0, &|p| {
-        p.push(Insn::Jump { code: JEQ, k: 0, jt: Allow, jf: Next });
-        p.push(Insn::Jump { code: JEQ, k: 0xffff_ffff, jt: Allow, jf: Eperm });
+        p.push(Insn::Jump {
+            code: JEQ,
+            k: 0,
+            jt: Allow,
+            jf: Next,
+        });
+        p.push(Insn::Jump {
+            code: JEQ,
+            k: 0xffff_ffff,
+            jt: Allow,
+            jf: Eperm,
+        });
     });
     p.push(Insn::Ret(Allow));
     p.push(Insn::Ret(Eperm));
@@ -181,8 +242,16 @@ pub fn build() -> SeccompProgram {
     let instructions = assemble(&p);
     let mut denied: Vec<String> = DENIED.iter().map(|(n, _)| (*n).to_owned()).collect();
     denied.extend(
-        ["clone3 (ENOSYS)", "clone/unshare with CLONE_NEW*", "ioctl TIOCSTI", "ioctl TIOCLINUX", "personality changes", "x32 syscalls", "non-x86_64 syscalls"]
-            .map(str::to_owned),
+        [
+            "clone3 (ENOSYS)",
+            "clone/unshare with CLONE_NEW*",
+            "ioctl TIOCSTI",
+            "ioctl TIOCLINUX",
+            "personality changes",
+            "x32 syscalls",
+            "non-x86_64 syscalls",
+        ]
+        .map(str::to_owned),
     );
     let mut hash = Sha256::new();
     for i in &instructions {
@@ -190,7 +259,11 @@ pub fn build() -> SeccompProgram {
         hash.update([i.jt, i.jf]);
         hash.update(i.k.to_le_bytes());
     }
-    SeccompProgram { instructions, denied, sha256: crate::spec::hex(&hash.finalize()) }
+    SeccompProgram {
+        instructions,
+        denied,
+        sha256: crate::spec::hex(&hash.finalize()),
+    }
 }
 
 /// Resolves labels into relative jumps. The shared returns are the last three
@@ -215,9 +288,24 @@ fn assemble(p: &[Insn]) -> Vec<libc::sock_filter> {
     p.iter()
         .enumerate()
         .map(|(i, insn)| match *insn {
-            Insn::Guard { nr, len } => libc::sock_filter { code: JEQ, jt: 0, jf: len, k: nr },
-            Insn::Stmt(code, k) => libc::sock_filter { code, jt: 0, jf: 0, k },
-            Insn::Jump { code, k, jt, jf } => libc::sock_filter { code, jt: rel(i, jt), jf: rel(i, jf), k },
+            Insn::Guard { nr, len } => libc::sock_filter {
+                code: JEQ,
+                jt: 0,
+                jf: len,
+                k: nr,
+            },
+            Insn::Stmt(code, k) => libc::sock_filter {
+                code,
+                jt: 0,
+                jf: 0,
+                k,
+            },
+            Insn::Jump { code, k, jt, jf } => libc::sock_filter {
+                code,
+                jt: rel(i, jt),
+                jf: rel(i, jf),
+                k,
+            },
             Insn::Ret(label) => {
                 let k = match label {
                     Label::Allow => SECCOMP_RET_ALLOW,
@@ -225,7 +313,12 @@ fn assemble(p: &[Insn]) -> Vec<libc::sock_filter> {
                     Label::Enosys => SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
                     Label::Next => unreachable!(),
                 };
-                libc::sock_filter { code: RET_K, jt: 0, jf: 0, k }
+                libc::sock_filter {
+                    code: RET_K,
+                    jt: 0,
+                    jf: 0,
+                    k,
+                }
             }
         })
         .collect()
@@ -235,11 +328,24 @@ fn assemble(p: &[Insn]) -> Vec<libc::sock_filter> {
 /// Called last, right before execve: after this, even agentd's own setup could not
 /// mount or unshare.
 pub fn install(program: &SeccompProgram) -> std::io::Result<()> {
-    let fprog = libc::sock_fprog { len: program.instructions.len() as u16, filter: program.instructions.as_ptr() as *mut _ };
+    let fprog = libc::sock_fprog {
+        len: program.instructions.len() as u16,
+        filter: program.instructions.as_ptr() as *mut _,
+    };
     // SAFETY: fprog points at `program.instructions`, alive for the call; the kernel
     // copies the program.
-    let r = unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &fprog as *const libc::sock_fprog) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -249,7 +355,7 @@ mod tests {
     /// A tiny BPF interpreter for the subset `build` emits, to test decisions without
     /// installing the filter.
     fn run(prog: &[libc::sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
-        let mut data = vec![0u8; 64];
+        let mut data = [0u8; 64];
         data[0..4].copy_from_slice(&nr.to_le_bytes());
         data[4..8].copy_from_slice(&arch.to_le_bytes());
         for (i, a) in args.iter().enumerate() {
@@ -260,7 +366,10 @@ mod tests {
             let i = prog[pc];
             let class = i.code & 0x07;
             match class {
-                0x00 => acc = u32::from_le_bytes(data[i.k as usize..i.k as usize + 4].try_into().unwrap()),
+                0x00 => {
+                    acc =
+                        u32::from_le_bytes(data[i.k as usize..i.k as usize + 4].try_into().unwrap())
+                }
                 0x05 => {
                     let taken = match i.code & 0xf0 {
                         0x10 => acc == i.k,
@@ -286,17 +395,49 @@ mod tests {
         assert_eq!(x(libc::SYS_read, [0; 6]), SECCOMP_RET_ALLOW);
         assert_eq!(x(libc::SYS_mount, [0; 6]), EPERM);
         assert_eq!(x(libc::SYS_bpf, [0; 6]), EPERM);
-        assert_eq!(x(libc::SYS_clone3, [0; 6]), SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
-        assert_eq!(x(libc::SYS_clone, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
-        assert_eq!(x(libc::SYS_clone, [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]), EPERM);
-        assert_eq!(x(libc::SYS_unshare, [libc::CLONE_FILES as u64, 0, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
-        assert_eq!(x(libc::SYS_unshare, [libc::CLONE_NEWNET as u64, 0, 0, 0, 0, 0]), EPERM);
+        assert_eq!(
+            x(libc::SYS_clone3, [0; 6]),
+            SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        assert_eq!(
+            x(libc::SYS_clone, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            x(libc::SYS_clone, [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(
+            x(libc::SYS_unshare, [libc::CLONE_FILES as u64, 0, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            x(
+                libc::SYS_unshare,
+                [libc::CLONE_NEWNET as u64, 0, 0, 0, 0, 0]
+            ),
+            EPERM
+        );
         assert_eq!(x(libc::SYS_ioctl, [1, libc::TIOCSTI, 0, 0, 0, 0]), EPERM);
-        assert_eq!(x(libc::SYS_ioctl, [1, libc::TIOCGWINSZ, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
-        assert_eq!(x(libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
+        assert_eq!(
+            x(libc::SYS_ioctl, [1, libc::TIOCGWINSZ, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            x(libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
         assert_eq!(x(libc::SYS_personality, [0x0040000, 0, 0, 0, 0, 0]), EPERM);
         assert_eq!(x(libc::SYS_write, [0; 6]), SECCOMP_RET_ALLOW);
-        assert_eq!(run(&p, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT | libc::SYS_read as u32, [0; 6]), EPERM);
+        assert_eq!(
+            run(
+                &p,
+                AUDIT_ARCH_X86_64,
+                X32_SYSCALL_BIT | libc::SYS_read as u32,
+                [0; 6]
+            ),
+            EPERM
+        );
         assert_eq!(run(&p, 0x4000_0003 /* i386 */, 1, [0; 6]), EPERM);
     }
 }

@@ -21,8 +21,14 @@ use values::{IdChoice, Number, PathEntry, UnitValue};
 /// Policies shipped in the binary, so `agentd run` works with no files installed.
 pub const BUILTIN_POLICIES: &[(&str, &str)] = &[
     ("default", include_str!("../../policies/default.toml")),
-    ("ci-coding-agent", include_str!("../../policies/ci-coding-agent.toml")),
-    ("offline-build", include_str!("../../policies/offline-build.toml")),
+    (
+        "ci-coding-agent",
+        include_str!("../../policies/ci-coding-agent.toml"),
+    ),
+    (
+        "offline-build",
+        include_str!("../../policies/offline-build.toml"),
+    ),
 ];
 
 /// Where operators put their own policies; `--policy NAME` looks here first.
@@ -202,7 +208,9 @@ pub fn load_policy(name_or_path: &str, policy_dir: &Path) -> Result<Policy, Spec
         return parse_policy(&text, name_or_path, default_name(name_or_path));
     }
     if name_or_path.is_empty()
-        || !name_or_path.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || !name_or_path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(SpecError {
             origin: "command line".into(),
@@ -235,19 +243,28 @@ pub fn load_policy(name_or_path: &str, policy_dir: &Path) -> Result<Policy, Spec
             message: format!(
                 "no policy named \"{name_or_path}\" in {} or built in (built-in: {})",
                 policy_dir.display(),
-                BUILTIN_POLICIES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                BUILTIN_POLICIES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }),
     }
 }
 
 fn default_name(path: &str) -> &str {
-    Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or("policy")
+    Path::new(path)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("policy")
 }
 
 /// Parses and validates one policy text. `origin` names it in errors.
 pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Policy, SpecError> {
-    let line_of = |span: std::ops::Range<usize>| Some(text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let line_of = |span: std::ops::Range<usize>| {
+        Some(text[..span.start.min(text.len())].matches('\n').count() + 1)
+    };
     let err = |span: Option<std::ops::Range<usize>>, key: &str, message: String| SpecError {
         origin: origin.to_owned(),
         line: span.and_then(line_of),
@@ -263,10 +280,18 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
     let name = match &raw.name {
         Some(n) => {
             let ok = !n.get_ref().is_empty()
-                && n.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                && n.get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
             if !ok {
-                return Err(err(Some(n.span()), "name", format!(
-                    "\"{}\" is not a valid policy name (letters, digits, '-', '_')", n.get_ref())));
+                return Err(err(
+                    Some(n.span()),
+                    "name",
+                    format!(
+                        "\"{}\" is not a valid policy name (letters, digits, '-', '_')",
+                        n.get_ref()
+                    ),
+                ));
             }
             n.get_ref().clone()
         }
@@ -282,21 +307,34 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
     ] {
         for (index, entry) in list.iter().enumerate() {
             let span = Some(entry.span());
-            let path = validate_grant_path(&entry.get_ref().path).map_err(|m| err(span.clone(), key, m))?;
+            let path = validate_grant_path(&entry.get_ref().path)
+                .map_err(|m| err(span.clone(), key, m))?;
             match std::fs::symlink_metadata(&path) {
                 Ok(_) => {}
                 Err(_) if entry.get_ref().optional => continue,
                 Err(e) => {
-                    return Err(err(span, key, format!(
-                        "{} {} (write {{ path = \"{}\", optional = true }} if it may be absent)",
-                        path.display(),
-                        if e.kind() == std::io::ErrorKind::NotFound { "does not exist".to_owned() } else { format!("cannot be inspected: {e}") },
-                        path.display()
-                    )));
+                    return Err(err(
+                        span,
+                        key,
+                        format!(
+                            "{} {} (write {{ path = \"{}\", optional = true }} if it may be absent)",
+                            path.display(),
+                            if e.kind() == std::io::ErrorKind::NotFound {
+                                "does not exist".to_owned()
+                            } else {
+                                format!("cannot be inspected: {e}")
+                            },
+                            path.display()
+                        ),
+                    ));
                 }
             }
             let rule = format!("{name}:{key}[{index}]");
-            let slot = grants.entry(path.clone()).or_insert(PathGrant { path, access, rule: rule.clone() });
+            let slot = grants.entry(path.clone()).or_insert(PathGrant {
+                path,
+                access,
+                rule: rule.clone(),
+            });
             if access > slot.access {
                 slot.access = access;
                 slot.rule = rule;
@@ -308,7 +346,11 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         list.iter()
             .map(|p| match u16::try_from(*p.get_ref()) {
                 Ok(port) if port != 0 => Ok(port),
-                _ => Err(err(Some(p.span()), key, format!("{} is not a TCP port (1-65535)", p.get_ref()))),
+                _ => Err(err(
+                    Some(p.span()),
+                    key,
+                    format!("{} is not a TCP port (1-65535)", p.get_ref()),
+                )),
             })
             .collect()
     };
@@ -317,7 +359,8 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
 
     let mut limits = Limits::default();
     if let Some(cpu) = &raw.limits.cpu {
-        limits.cpu = Some(check_cpu(cpu.get_ref().0).map_err(|m| err(Some(cpu.span()), "limits.cpu", m))?);
+        limits.cpu =
+            Some(check_cpu(cpu.get_ref().0).map_err(|m| err(Some(cpu.span()), "limits.cpu", m))?);
     }
     if let Some(mem) = &raw.limits.memory {
         let bytes = match mem.get_ref() {
@@ -325,10 +368,16 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
             UnitValue::Int(n) => Err(format!("{n} is negative")),
             UnitValue::Text(t) => parse_size(t),
         };
-        limits.memory = Some(bytes.and_then(check_memory).map_err(|m| err(Some(mem.span()), "limits.memory", m))?);
+        limits.memory = Some(
+            bytes
+                .and_then(check_memory)
+                .map_err(|m| err(Some(mem.span()), "limits.memory", m))?,
+        );
     }
     if let Some(pids) = &raw.limits.pids {
-        limits.pids = Some(check_pids(*pids.get_ref()).map_err(|m| err(Some(pids.span()), "limits.pids", m))?);
+        limits.pids = Some(
+            check_pids(*pids.get_ref()).map_err(|m| err(Some(pids.span()), "limits.pids", m))?,
+        );
     }
     if let Some(t) = &raw.limits.timeout {
         let d = match t.get_ref() {
@@ -336,7 +385,10 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
             UnitValue::Int(n) => Err(format!("{n} is negative")),
             UnitValue::Text(s) => parse_duration(s),
         };
-        limits.timeout = Some(d.and_then(check_timeout).map_err(|m| err(Some(t.span()), "limits.timeout", m))?);
+        limits.timeout = Some(
+            d.and_then(check_timeout)
+                .map_err(|m| err(Some(t.span()), "limits.timeout", m))?,
+        );
     }
 
     let id = |key: &str, v: &Option<Spanned<IdChoice>>| -> Result<Option<u32>, SpecError> {
@@ -344,7 +396,12 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
             None => Ok(None),
             Some(s) => match *s.get_ref() {
                 IdChoice::Auto => Ok(None),
-                IdChoice::Id(0) => Err(err(Some(s.span()), key, "0 is root: a job never runs as host root; use \"auto\" or an unprivileged id".into())),
+                IdChoice::Id(0) => Err(err(
+                    Some(s.span()),
+                    key,
+                    "0 is root: a job never runs as host root; use \"auto\" or an unprivileged id"
+                        .into(),
+                )),
                 IdChoice::Id(n) if (1..=u32::MAX as i64 - 1).contains(&n) => Ok(Some(n as u32)),
                 IdChoice::Id(n) => Err(err(Some(s.span()), key, format!("{n} is not a valid id"))),
             },
@@ -362,7 +419,11 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
     for (k, v) in &raw.env.set {
         check_env_name(k).map_err(|m| err(Some(v.span()), &format!("env.set.{k}"), m))?;
         if v.get_ref().contains('\0') {
-            return Err(err(Some(v.span()), &format!("env.set.{k}"), "value contains a NUL byte".into()));
+            return Err(err(
+                Some(v.span()),
+                &format!("env.set.{k}"),
+                "value contains a NUL byte".into(),
+            ));
         }
         env_set.insert(k.clone(), v.get_ref().clone());
     }
@@ -370,9 +431,16 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
     let hostname = match &raw.sandbox.hostname {
         Some(h) => {
             let v = h.get_ref();
-            let ok = !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
             if !ok {
-                return Err(err(Some(h.span()), "sandbox.hostname", format!("\"{v}\" is not a hostname (1-64 letters, digits, '-', '.')")));
+                return Err(err(
+                    Some(h.span()),
+                    "sandbox.hostname",
+                    format!("\"{v}\" is not a hostname (1-64 letters, digits, '-', '.')"),
+                ));
             }
             v.clone()
         }
@@ -380,7 +448,13 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
     };
     let landlock_abi = match &raw.sandbox.landlock_abi {
         Some(a) if (1..=64).contains(a.get_ref()) => *a.get_ref() as u32,
-        Some(a) => return Err(err(Some(a.span()), "sandbox.landlock_abi", format!("{} is not a Landlock ABI version (1 or more)", a.get_ref()))),
+        Some(a) => {
+            return Err(err(
+                Some(a.span()),
+                "sandbox.landlock_abi",
+                format!("{} is not a Landlock ABI version (1 or more)", a.get_ref()),
+            ));
+        }
         None => 1,
     };
 
@@ -424,8 +498,13 @@ fn validate_grant_path(p: &str) -> Result<PathBuf, String> {
     if !path.is_absolute() {
         return Err(format!("\"{p}\" is relative; grants need absolute paths"));
     }
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
-        return Err(format!("\"{p}\" contains '.' or '..'; write the normalized path"));
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(format!(
+            "\"{p}\" contains '.' or '..'; write the normalized path"
+        ));
     }
     let path: PathBuf = path.components().collect();
     if path == Path::new("/") {
@@ -433,7 +512,9 @@ fn validate_grant_path(p: &str) -> Result<PathBuf, String> {
     }
     for own in ["/proc", "/dev", "/tmp"] {
         if path.starts_with(own) {
-            return Err(format!("\"{p}\" is inside {own}, which agentd creates fresh for every job"));
+            return Err(format!(
+                "\"{p}\" is inside {own}, which agentd creates fresh for every job"
+            ));
         }
     }
     Ok(path)
@@ -443,7 +524,11 @@ fn check_env_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok { Ok(()) } else { Err(format!("\"{name}\" is not an environment variable name")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("\"{name}\" is not an environment variable name"))
+    }
 }
 
 /// CPUs must be positive and no more than the host has.
@@ -461,7 +546,9 @@ pub fn check_cpu(cpu: f64) -> Result<f64, String> {
 /// Memory below 4 MiB cannot even start a shell; above physical memory is no limit.
 pub fn check_memory(bytes: u64) -> Result<u64, String> {
     if bytes < 4 << 20 {
-        return Err(format!("{bytes} bytes is too little memory for any job (at least 4M)"));
+        return Err(format!(
+            "{bytes} bytes is too little memory for any job (at least 4M)"
+        ));
     }
     Ok(bytes)
 }
@@ -469,7 +556,9 @@ pub fn check_memory(bytes: u64) -> Result<u64, String> {
 /// The job needs its init and its command: two tasks at least.
 pub fn check_pids(n: i64) -> Result<u64, String> {
     if n < 2 {
-        return Err(format!("{n} pids is too few (the job's init and its command need 2)"));
+        return Err(format!(
+            "{n} pids is too few (the job's init and its command need 2)"
+        ));
     }
     Ok(n as u64)
 }
@@ -483,10 +572,12 @@ pub fn check_timeout(d: Duration) -> Result<Duration, String> {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -526,7 +617,9 @@ mod tests {
         let e = parse("[filesystem]\nexec = [\n\"/usr\",\n\"/no/such/dir\"]\n").unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");
         assert!(e.message.contains("does not exist"));
-        let p = parse("[filesystem]\nread = [{ path = \"/no/such\", optional = true }, \"/usr\"]\n").unwrap();
+        let p =
+            parse("[filesystem]\nread = [{ path = \"/no/such\", optional = true }, \"/usr\"]\n")
+                .unwrap();
         assert_eq!(p.filesystem.len(), 1);
     }
 
@@ -539,11 +632,41 @@ mod tests {
 
     #[test]
     fn impossible_limits() {
-        assert!(parse("[limits]\ncpu = 0\n").unwrap_err().message.contains("not a usable"));
-        assert!(parse("[limits]\ncpu = 100000\n").unwrap_err().message.contains("exceeds"));
-        assert!(parse("[limits]\nmemory = \"1K\"\n").unwrap_err().message.contains("too little"));
-        assert!(parse("[limits]\npids = 1\n").unwrap_err().message.contains("too few"));
-        assert!(parse("[limits]\ntimeout = \"0s\"\n").unwrap_err().message.contains("timeout of 0"));
-        assert!(parse("[user]\nuid = 0\n").unwrap_err().message.contains("root"));
+        assert!(
+            parse("[limits]\ncpu = 0\n")
+                .unwrap_err()
+                .message
+                .contains("not a usable")
+        );
+        assert!(
+            parse("[limits]\ncpu = 100000\n")
+                .unwrap_err()
+                .message
+                .contains("exceeds")
+        );
+        assert!(
+            parse("[limits]\nmemory = \"1K\"\n")
+                .unwrap_err()
+                .message
+                .contains("too little")
+        );
+        assert!(
+            parse("[limits]\npids = 1\n")
+                .unwrap_err()
+                .message
+                .contains("too few")
+        );
+        assert!(
+            parse("[limits]\ntimeout = \"0s\"\n")
+                .unwrap_err()
+                .message
+                .contains("timeout of 0")
+        );
+        assert!(
+            parse("[user]\nuid = 0\n")
+                .unwrap_err()
+                .message
+                .contains("root")
+        );
     }
 }

@@ -39,7 +39,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t.is_empty() {
-        return Err("expected a duration like \"30s\", \"10m\" or \"1h\", got an empty string".into());
+        return Err(
+            "expected a duration like \"30s\", \"10m\" or \"1h\", got an empty string".into(),
+        );
     }
     if let Ok(secs) = t.parse::<f64>() {
         return seconds(secs, text);
@@ -75,7 +77,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn seconds(secs: f64, text: &str) -> Result<Duration, String> {
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("duration \"{text}\" is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -102,6 +104,10 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5y").unwrap_err().contains("unknown duration unit"));
+        assert!(
+            parse_duration("5y")
+                .unwrap_err()
+                .contains("unknown duration unit")
+        );
     }
 }

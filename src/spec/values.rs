@@ -3,8 +3,8 @@
 //! expected when they get something else. Hand-written visitors instead of
 //! `#[serde(untagged)]`, whose error ("did not match any variant") names nothing.
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use std::fmt;
 
 /// A number that may be written as an integer or a float (`cpu = 1` or `cpu = 0.5`).
@@ -112,7 +112,10 @@ impl<'de> Deserialize<'de> for PathEntry {
                 f.write_str("an absolute path, or a table { path = \"/p\", optional = true }")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<PathEntry, E> {
-                Ok(PathEntry { path: v.to_owned(), optional: false })
+                Ok(PathEntry {
+                    path: v.to_owned(),
+                    optional: false,
+                })
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<PathEntry, M::Error> {
                 let mut path = None;
@@ -121,7 +124,9 @@ impl<'de> Deserialize<'de> for PathEntry {
                     match key.as_str() {
                         "path" => path = Some(map.next_value::<String>()?),
                         "optional" => optional = map.next_value::<bool>()?,
-                        other => return Err(de::Error::unknown_field(other, &["path", "optional"])),
+                        other => {
+                            return Err(de::Error::unknown_field(other, &["path", "optional"]));
+                        }
                     }
                 }
                 let path = path.ok_or_else(|| de::Error::missing_field("path"))?;

@@ -11,7 +11,10 @@ pub const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "agentd's integration tests create namespaces and cgroups and must run as root (euid is {euid})");
+    assert_eq!(
+        euid, 0,
+        "agentd's integration tests create namespaces and cgroups and must run as root (euid is {euid})"
+    );
 }
 
 /// A test's private runtime directory and scratch space, removed on drop.
@@ -22,7 +25,12 @@ pub struct Env {
 impl Env {
     pub fn new() -> Env {
         require_root();
-        Env { dir: tempfile::Builder::new().prefix("agentd-test-").tempdir().expect("create a temp dir") }
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("agentd-test-")
+                .tempdir()
+                .expect("create a temp dir"),
+        }
     }
 
     pub fn runtime_dir(&self) -> PathBuf {
@@ -58,7 +66,9 @@ impl Env {
 
     pub fn agentd_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(AGENTD);
-        cmd.args(args).env("AGENTD_RUNTIME_DIR", self.runtime_dir()).env("AGENTD_POLICY_DIR", self.dir.path().join("policies"));
+        cmd.args(args)
+            .env("AGENTD_RUNTIME_DIR", self.runtime_dir())
+            .env("AGENTD_POLICY_DIR", self.dir.path().join("policies"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -106,13 +116,22 @@ pub fn code(o: &Output) -> i32 {
 
 /// Asserts the job ran and exited 0, showing its output otherwise.
 pub fn assert_ok(o: &Output) {
-    assert_eq!(code(o), 0, "job failed\nstdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+    assert_eq!(
+        code(o),
+        0,
+        "job failed\nstdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
 }
 
 /// The job id agentd names in its messages ("job 0123456789ab: ...").
 pub fn job_id_in(text: &str) -> Option<String> {
     let i = text.find("job ")?;
-    let id: String = text[i + 4..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    let id: String = text[i + 4..]
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
     (id.len() == 12).then_some(id)
 }
 
@@ -124,11 +143,15 @@ pub fn cgroups_of(job: &str) -> Vec<PathBuf> {
         if depth > 6 {
             return;
         }
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                if p.file_name().is_some_and(|n| n == std::ffi::OsStr::new(name)) {
+                if p.file_name()
+                    .is_some_and(|n| n == std::ffi::OsStr::new(name))
+                {
                     found.push(p.clone());
                 }
                 walk(&p, name, depth + 1, found);
@@ -140,6 +163,7 @@ pub fn cgroups_of(job: &str) -> Vec<PathBuf> {
 }
 
 pub fn report(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read report {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read report {}: {e}", path.display()));
     serde_json::from_str(&text).expect("report is JSON")
 }
