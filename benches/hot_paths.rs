@@ -2,7 +2,7 @@
 //! parsing and validating the default policy (TOML, path checks, sha256) and compiling
 //! the seccomp filter. The whole-process start cost is measured by scripts/bench-spawn.
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 
 fn policy_parse(c: &mut Criterion) {
@@ -13,7 +13,9 @@ fn policy_parse(c: &mut Criterion) {
 }
 
 fn seccomp_build(c: &mut Criterion) {
-    c.bench_function("compile seccomp filter", |b| b.iter(agentd::sandbox::seccomp::build));
+    c.bench_function("compile seccomp filter", |b| {
+        b.iter(agentd::sandbox::seccomp::build)
+    });
 }
 
 criterion_group!(benches, policy_parse, seccomp_build);

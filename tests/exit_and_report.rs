@@ -152,6 +152,15 @@ fn report_says_what_ran_and_what_was_enforced() {
     assert_eq!(e["user"]["host_uid"], 65534);
     assert_eq!(e["user"]["workspace_idmapped"], true);
     assert_eq!(e["degraded"], serde_json::json!([]));
+    let fs = e["filesystem"].as_array().unwrap();
+    let usr = fs.iter().find(|g| g["path"] == "/usr").unwrap();
+    assert_eq!(
+        (usr["access"].as_str(), usr["rule"].as_str()),
+        (Some("exec"), Some("ci-coding-agent:filesystem.exec[0]"))
+    );
+    assert!(fs.iter().any(|g| g["path"] == ws.to_str().unwrap()
+        && g["access"] == "write"
+        && g["rule"] == "command line:--workspace"));
 }
 
 #[test]

@@ -77,3 +77,63 @@ fn a_failure_at_each_step_leaves_nothing_behind() {
         );
     }
 }
+
+#[test]
+fn leftovers_of_a_killed_agentd_are_swept_by_the_next_run() {
+    let env = Env::new();
+    let mut agentd = std::process::Command::new(AGENTD)
+        .args(["run", "--", "sleep", "300"])
+        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
+        .spawn()
+        .unwrap();
+    let jobs = env.runtime_dir().join("jobs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let job = loop {
+        let found = std::fs::read_dir(&jobs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.path());
+        if let Some(dir) = found.filter(|d| d.join("state.json").exists()) {
+            break dir;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never published its state"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let id = job.file_name().unwrap().to_str().unwrap().to_owned();
+    // Kill agentd itself: no cleanup runs. Its job dies with it (parent-death signal).
+    agentd.kill().unwrap();
+    agentd.wait().unwrap();
+    let left = cgroups_of(&id);
+    assert!(
+        !left.is_empty(),
+        "expected the killed run's cgroups to remain until swept"
+    );
+    // Age the directory past the sweep's grace period, then run another job.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    std::fs::File::open(&job)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let out = env.agentd(&["run", "--", "/bin/true"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains(&format!("removed job {id}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(cgroups_of(&id), Vec::<std::path::PathBuf>::new());
+    assert!(!job.exists());
+    let ps = std::process::Command::new("pgrep")
+        .args(["-x", "sleep"])
+        .output()
+        .unwrap();
+    let sleepers = stdout(&ps);
+    for pid in sleepers.lines() {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(!cg.contains(&id), "the killed run's job survived: {pid}");
+    }
+}

@@ -226,3 +226,24 @@ pub(crate) fn parent_dir(
         }
     }
 }
+
+/// Removes cgroup directories a dead run left: kills whatever is still inside (v2
+/// cgroup.kill, else SIGKILL to each listed pid), then removes them.
+pub fn remove_stale(dirs: &[PathBuf]) {
+    for dir in dirs {
+        if !dir.is_dir() {
+            continue;
+        }
+        if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+            for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) with a pid listed in the dead job's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = rmdir_patiently(dir);
+    }
+}

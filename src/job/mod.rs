@@ -14,6 +14,7 @@
 pub mod plan;
 pub mod report;
 pub mod spawn;
+mod stale;
 pub mod supervise;
 
 pub use plan::RunOptions;
@@ -37,9 +38,10 @@ pub fn run(options: RunOptions) -> i32 {
     }
 }
 
-/// The runtime directory of one job; removed on drop.
+/// The runtime directory of one job, locked while the job lives; removed on drop.
 struct RuntimeDir {
     dir: PathBuf,
+    _lock: std::fs::File,
 }
 
 impl RuntimeDir {
@@ -52,7 +54,14 @@ impl RuntimeDir {
             .create(&jobs)?;
         let dir = jobs.join(id);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let rd = RuntimeDir { dir };
+        let _lock = match stale::lock(&dir) {
+            Ok(lock) => lock,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e);
+            }
+        };
+        let rd = RuntimeDir { dir, _lock };
         // The job's root is mounted here, in the job's mount namespace only.
         std::fs::DirBuilder::new().mode(0o755).create(rd.root())?;
         Ok(rd)
@@ -92,6 +101,32 @@ fn new_job_id() -> String {
     crate::spec::hex(&bytes)
 }
 
+/// The policy's grants plus what agentd itself grants, each with its rule.
+fn filesystem_grants(plan: &plan::JobPlan) -> Vec<crate::spec::PathGrant> {
+    use crate::spec::{Access, PathGrant};
+    let mut grants = plan.policy.filesystem.clone();
+    if let Some(ws) = &plan.workspace {
+        grants.push(PathGrant {
+            path: ws.clone(),
+            access: Access::Write,
+            rule: "command line:--workspace".into(),
+        });
+    }
+    for (path, access) in [
+        ("/tmp", Access::Write),
+        ("/dev/shm", Access::Write),
+        ("/proc", Access::Read),
+        ("/dev", Access::Read),
+    ] {
+        grants.push(PathGrant {
+            path: path.into(),
+            access,
+            rule: "agentd:private".into(),
+        });
+    }
+    grants
+}
+
 /// Test builds read AGENTD_FAULT to fail at a named pipeline step; release builds never do.
 fn injected_fault() -> Option<String> {
     if cfg!(feature = "fault-injection") {
@@ -126,11 +161,18 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let mut plan = plan::validate(options)?;
     plan.sandbox.fault = fault.clone();
 
-    // 2. allocate
+    // 2. allocate, after sweeping what runs that died uncleanly left behind
+    for stale in stale::sweep(&plan.options.runtime_dir) {
+        eprintln!("agentd: removed job {stale}, left behind by an agentd that died");
+    }
     let id = new_job_id();
     let rundir = RuntimeDir::create(&plan.options.runtime_dir, &id)
         .map_err(pipeline(&id, "create the runtime directory"))?;
     plan.sandbox.root = rundir.root();
+    // The job may name itself in logs and requests to agentd.
+    plan.sandbox
+        .envp
+        .push(std::ffi::CString::new(format!("AGENTD_JOB_ID={id}")).expect("hex id"));
     step_fault(&id, "after-runtime-dir")?;
     let limits = CgroupLimits {
         cpu: plan.limits.cpu,
@@ -241,6 +283,7 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
             signals_forwarded: outcome.forwarded.clone(),
             enforced: Enforced {
                 namespaces: spawn::NAMESPACES.to_vec(),
+                filesystem: filesystem_grants(&plan),
                 cgroup: cgroup_report,
                 landlock: landlock_enforced.then(|| LandlockReport {
                     abi: plan.landlock_abi,

@@ -133,6 +133,8 @@ pub struct SeccompReport {
 #[derive(Serialize)]
 pub struct Enforced {
     pub namespaces: Vec<&'static str>,
+    /// Every path the job can reach, its access, and the rule that granted it.
+    pub filesystem: Vec<crate::spec::PathGrant>,
     pub cgroup: CgroupReport,
     pub landlock: Option<LandlockReport>,
     pub seccomp: SeccompReport,
