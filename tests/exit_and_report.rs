@@ -236,3 +236,49 @@ fn check_reports_the_host() {
         .unwrap();
     assert!(stdout(&table).contains("landlock"));
 }
+
+#[test]
+fn signals_to_agentd_reach_the_job() {
+    let env = Env::new();
+    let ws = env.workspace("ws", None);
+    let child = std::process::Command::new(AGENTD)
+        .args([
+            "run",
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 3' TERM; touch ready; while :; do sleep 0.05; done",
+        ])
+        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ws.join("ready").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: signalling the agentd process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    env.assert_clean();
+    assert_eq!(stdout(&out), "got TERM\n");
+    assert_eq!(code(&out), 3);
+}
+
+#[test]
+fn init_reaps_orphans() {
+    let env = Env::new();
+    // Orphaned grandchildren exit while the main process still runs; init must reap them.
+    let out = env.sh(
+        &[],
+        "for i in 1 2 3; do (sleep 0.05 &); done; sleep 0.5; ps -eo stat= | grep -c '^Z' || true",
+    );
+    assert_ok(&out);
+    assert_eq!(stdout(&out).trim(), "0", "zombies inside the job");
+}

@@ -87,6 +87,10 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         ));
     }
     check_command(&options.command)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::Usage("agentd run needs root: it creates the job's cgroup, namespaces and idmapped mounts itself (the job never runs as root); run it with sudo".into()));
+    }
     for feature in &options.allow_degraded {
         if !DEGRADABLE.contains(&feature.as_str()) {
             return Err(flag_err(
