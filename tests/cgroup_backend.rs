@@ -119,3 +119,73 @@ fn missing_parent_is_a_clear_error_and_creates_nothing() {
         "{err}"
     );
 }
+
+/// The pure-v2 backend, run against this host's cgroup2 tree. On a hybrid host that tree
+/// has no controllers, so this proves the v2 job cgroup (born-into fd, kill, freeze,
+/// events) and the fail-closed refusal of limits whose controller is not delegated.
+#[test]
+fn v2_backend_on_the_cgroup2_tree() {
+    require_root();
+    let detected = HostCgroups::detect().unwrap();
+    let v2_only = HostCgroups {
+        layout: Layout::Unified,
+        v2: detected.v2.clone(),
+        v1: Vec::new(),
+    };
+    let tree = v2_only.v2.clone().expect("this host has a cgroup2 tree");
+    let available = std::fs::read_to_string(tree.own_dir().join("cgroup.controllers")).unwrap();
+
+    // A cpu limit: refused (naming the feature to downgrade) where the controller is not
+    // delegated, as on a hybrid host's cgroup2 tree; written to cpu.max where it is.
+    let cpu_limit = CgroupLimits {
+        cpu: Some(0.5),
+        ..Default::default()
+    };
+    match create_job_cgroup(&v2_only, None, "agentd-test-v2-cpu", &cpu_limit, &[]) {
+        Err(err) => {
+            assert!(
+                !available.split_whitespace().any(|c| c == "cpu"),
+                "cpu is available yet refused: {err}"
+            );
+            assert_eq!(err.feature().as_deref(), Some("cgroup-cpu"), "{err}");
+            assert!(
+                err.to_string().contains("cpu controller is not available"),
+                "{err}"
+            );
+            assert!(!tree.own_dir().join("agentd-test-v2-cpu").exists());
+        }
+        Ok(mut cg) => {
+            let max = std::fs::read_to_string(cg.dirs()[0].join("cpu.max")).unwrap();
+            assert_eq!(max.trim(), "50000 100000");
+            cg.remove().unwrap();
+        }
+    }
+
+    let name = format!("agentd-test-v2-{}", std::process::id());
+    let mut cg = create_job_cgroup(&v2_only, None, &name, &CgroupLimits::default(), &[]).unwrap();
+    assert_eq!(cg.version(), "v2");
+    assert!(cg.clone_into_fd().is_some());
+    let dirs = cg.dirs();
+    let mut sleeper = spawn_sleeper_in(&dirs);
+    assert!(cg.populated());
+    cg.freeze().unwrap();
+    assert!(
+        std::fs::read_to_string(dirs[0].join("cgroup.events"))
+            .unwrap()
+            .contains("frozen 1")
+    );
+    cg.thaw().unwrap();
+    assert!(
+        std::fs::read_to_string(dirs[0].join("cgroup.events"))
+            .unwrap()
+            .contains("frozen 0")
+    );
+    cg.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert!(
+        cg.usage().cpu_usec.is_some(),
+        "cpu.stat usage_usec is a core file"
+    );
+    cg.remove().unwrap();
+    assert!(!dirs[0].exists());
+}
