@@ -137,3 +137,52 @@ fn leftovers_of_a_killed_agentd_are_swept_by_the_next_run() {
         assert!(!cg.contains(&id), "the killed run's job survived: {pid}");
     }
 }
+
+#[test]
+fn cgroups_of_an_agentd_killed_before_publish_are_swept_too() {
+    let env = Env::new();
+    let mut agentd = std::process::Command::new(AGENTD)
+        .args(["run", "--", "/bin/true"])
+        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
+        .env("AGENTD_FAULT", "hang-after-cgroup")
+        .spawn()
+        .unwrap();
+    let jobs = env.runtime_dir().join("jobs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (job, id) = loop {
+        let found = std::fs::read_dir(&jobs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.path());
+        if let Some(dir) = found {
+            let id = dir.file_name().unwrap().to_str().unwrap().to_owned();
+            if !cgroups_of(&id).is_empty() {
+                break (dir, id);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agentd never created the job's cgroups"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    agentd.kill().unwrap();
+    agentd.wait().unwrap();
+    assert!(
+        !job.join("state.json").exists(),
+        "the hang is before publish"
+    );
+    std::fs::File::open(&job)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60))
+        .unwrap();
+    let out = env.agentd(&["run", "--", "/bin/true"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains(&format!("removed job {id}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(cgroups_of(&id), Vec::<std::path::PathBuf>::new());
+}

@@ -227,6 +227,19 @@ pub(crate) fn parent_dir(
     }
 }
 
+/// The directories job cgroups are created in, in every hierarchy.
+pub fn parent_dirs(host: &HostCgroups, parent: Option<&str>) -> Vec<PathBuf> {
+    let v1 = host
+        .v1
+        .iter()
+        .filter_map(|h| parent_dir(&h.mount, &h.own, parent).ok());
+    let v2 = host
+        .v2
+        .iter()
+        .filter_map(|t| parent_dir(&t.mount, &t.own, parent).ok());
+    v1.chain(v2).collect()
+}
+
 /// Removes cgroup directories a dead run left: kills whatever is still inside (v2
 /// cgroup.kill, else SIGKILL to each listed pid), then removes them.
 pub fn remove_stale(dirs: &[PathBuf]) {

@@ -139,6 +139,12 @@ fn injected_fault() -> Option<String> {
 fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let fault = injected_fault();
     let step_fault = |job: &str, step: &'static str| -> Result<(), Error> {
+        // "hang-STEP" stands still there, for tests that kill agentd mid-pipeline.
+        if fault.as_deref().and_then(|f| f.strip_prefix("hang-")) == Some(step) {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
         if fault.as_deref() == Some(step) {
             return Err(Error::Pipeline {
                 job: job.into(),
@@ -162,7 +168,9 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     plan.sandbox.fault = fault.clone();
 
     // 2. allocate, after sweeping what runs that died uncleanly left behind
-    for stale in stale::sweep(&plan.options.runtime_dir) {
+    let cgroup_parents =
+        cgroup::parent_dirs(&plan.host_cgroups, plan.options.cgroup_parent.as_deref());
+    for stale in stale::sweep(&plan.options.runtime_dir, &cgroup_parents) {
         eprintln!("agentd: removed job {stale}, left behind by an agentd that died");
     }
     let id = new_job_id();

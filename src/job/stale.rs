@@ -23,7 +23,9 @@ pub fn lock(dir: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// Removes dead runs' leftovers below `runtime_dir/jobs`; returns the job ids removed.
-pub fn sweep(runtime_dir: &Path) -> Vec<String> {
+/// `cgroup_parents` are where this run would create its cgroups: a run that died before
+/// it published its state left its cgroups (if any) there, named agentd-ID.
+pub fn sweep(runtime_dir: &Path, cgroup_parents: &[PathBuf]) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(runtime_dir.join("jobs")) else {
         return Vec::new();
     };
@@ -47,7 +49,7 @@ pub fn sweep(runtime_dir: &Path) -> Vec<String> {
         }
         let Ok(_lock) = lock(&dir) else { continue }; // alive
         let name = format!("agentd-{id}");
-        let cgroups: Vec<PathBuf> = std::fs::read_to_string(dir.join("state.json"))
+        let mut cgroups: Vec<PathBuf> = std::fs::read_to_string(dir.join("state.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v["cgroup"].as_array().cloned())
@@ -59,6 +61,7 @@ pub fn sweep(runtime_dir: &Path) -> Vec<String> {
                 p.starts_with("/sys/fs/cgroup") && p.file_name().is_some_and(|n| n == name.as_str())
             })
             .collect();
+        cgroups.extend(cgroup_parents.iter().map(|p| p.join(&name)));
         crate::cgroup::remove_stale(&cgroups);
         if std::fs::remove_dir_all(&dir).is_ok() {
             swept.push(id);
