@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod error;
 pub mod host;
 pub mod job;
+pub mod mount_api;
 pub mod sandbox;
 pub mod spec;
 

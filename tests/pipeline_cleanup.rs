@@ -3,6 +3,9 @@
 
 mod common;
 use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant, SystemTime};
 
 const STEPS: &[&str] = &[
     // parent side, before start
@@ -78,45 +81,53 @@ fn a_failure_at_each_step_leaves_nothing_behind() {
     }
 }
 
-#[test]
-fn leftovers_of_a_killed_agentd_are_swept_by_the_next_run() {
-    let env = Env::new();
-    let mut agentd = std::process::Command::new(AGENTD)
-        .args(["run", "--", "sleep", "300"])
-        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
-        .spawn()
-        .unwrap();
+/// Starts `agentd run ARGS` in the background and waits until its job directory
+/// satisfies `ready`; returns agentd, the directory and the job id.
+fn start_and_wait(
+    env: &Env,
+    args: &[&str],
+    fault: Option<&str>,
+    ready: impl Fn(&Path, &str) -> bool,
+) -> (Child, PathBuf, String) {
+    let mut cmd = Command::new(AGENTD);
+    cmd.args(args).env("AGENTD_RUNTIME_DIR", env.runtime_dir());
+    if let Some(f) = fault {
+        cmd.env("AGENTD_FAULT", f);
+    }
+    let mut agentd = cmd.spawn().unwrap();
     let jobs = env.runtime_dir().join("jobs");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let job = loop {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
         let found = std::fs::read_dir(&jobs)
             .ok()
             .and_then(|mut d| d.next())
             .and_then(|e| e.ok())
             .map(|e| e.path());
-        if let Some(dir) = found.filter(|d| d.join("state.json").exists()) {
-            break dir;
+        if let Some(dir) = found {
+            let id = dir.file_name().unwrap().to_str().unwrap().to_owned();
+            if ready(&dir, &id) {
+                return (agentd, dir, id);
+            }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the job never published its state"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let id = job.file_name().unwrap().to_str().unwrap().to_owned();
-    // Kill agentd itself: no cleanup runs. Its job dies with it (parent-death signal).
+        std::thread::sleep(Duration::from_millis(10));
+    }
     agentd.kill().unwrap();
     agentd.wait().unwrap();
-    let left = cgroups_of(&id);
+    panic!("the job never got ready");
+}
+
+/// Kills agentd itself (no cleanup runs; its job dies by the parent-death signal), ages
+/// the job directory past the sweep's grace period, and checks the next run sweeps it.
+fn kill_then_sweep(env: &Env, mut agentd: Child, job: &Path, id: &str) {
+    agentd.kill().unwrap();
+    agentd.wait().unwrap();
     assert!(
-        !left.is_empty(),
+        !cgroups_of(id).is_empty(),
         "expected the killed run's cgroups to remain until swept"
     );
-    // Age the directory past the sweep's grace period, then run another job.
-    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-    std::fs::File::open(&job)
+    std::fs::File::open(job)
         .unwrap()
-        .set_modified(old)
+        .set_modified(SystemTime::now() - Duration::from_secs(60))
         .unwrap();
     let out = env.agentd(&["run", "--", "/bin/true"]);
     assert_ok(&out);
@@ -125,13 +136,23 @@ fn leftovers_of_a_killed_agentd_are_swept_by_the_next_run() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(cgroups_of(&id), Vec::<std::path::PathBuf>::new());
+    assert_eq!(cgroups_of(id), Vec::<PathBuf>::new());
     assert!(!job.exists());
-    let ps = std::process::Command::new("pgrep")
-        .args(["-x", "sleep"])
-        .output()
-        .unwrap();
-    let sleepers = stdout(&ps);
+}
+
+#[test]
+fn leftovers_of_a_killed_agentd_are_swept_by_the_next_run() {
+    let env = Env::new();
+    let (agentd, job, id) = start_and_wait(&env, &["run", "--", "sleep", "300"], None, |dir, _| {
+        dir.join("state.json").exists()
+    });
+    kill_then_sweep(&env, agentd, &job, &id);
+    let sleepers = stdout(
+        &Command::new("pgrep")
+            .args(["-x", "sleep"])
+            .output()
+            .unwrap(),
+    );
     for pid in sleepers.lines() {
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         assert!(!cg.contains(&id), "the killed run's job survived: {pid}");
@@ -141,48 +162,15 @@ fn leftovers_of_a_killed_agentd_are_swept_by_the_next_run() {
 #[test]
 fn cgroups_of_an_agentd_killed_before_publish_are_swept_too() {
     let env = Env::new();
-    let mut agentd = std::process::Command::new(AGENTD)
-        .args(["run", "--", "/bin/true"])
-        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
-        .env("AGENTD_FAULT", "hang-after-cgroup")
-        .spawn()
-        .unwrap();
-    let jobs = env.runtime_dir().join("jobs");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let (job, id) = loop {
-        let found = std::fs::read_dir(&jobs)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.path());
-        if let Some(dir) = found {
-            let id = dir.file_name().unwrap().to_str().unwrap().to_owned();
-            if !cgroups_of(&id).is_empty() {
-                break (dir, id);
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agentd never created the job's cgroups"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    agentd.kill().unwrap();
-    agentd.wait().unwrap();
+    let (agentd, job, id) = start_and_wait(
+        &env,
+        &["run", "--", "/bin/true"],
+        Some("hang-after-cgroup"),
+        |_, id| !cgroups_of(id).is_empty(),
+    );
     assert!(
         !job.join("state.json").exists(),
         "the hang is before publish"
     );
-    std::fs::File::open(&job)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60))
-        .unwrap();
-    let out = env.agentd(&["run", "--", "/bin/true"]);
-    assert_ok(&out);
-    assert!(
-        stderr(&out).contains(&format!("removed job {id}")),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(cgroups_of(&id), Vec::<std::path::PathBuf>::new());
+    kill_then_sweep(&env, agentd, &job, &id);
 }

@@ -3,6 +3,7 @@
 
 use super::plan::JobIds;
 use crate::cgroup::JobCgroup;
+use crate::mount_api;
 use crate::sandbox::{ChildPipes, SandboxPlan, child_main};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -13,19 +14,6 @@ use std::path::Path;
 pub const NAMESPACES: &[&str] = &["user", "pid", "mount", "net", "ipc", "uts", "cgroup"];
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-const OPEN_TREE_CLONE: u32 = 1;
-const OPEN_TREE_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
-const AT_RECURSIVE: u32 = 0x8000;
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
 /// A started job: its init's pid (in agentd's namespace), pidfd and status pipe.
 /// Dropping it before it was reaped kills and reaps it.
 pub struct Child {
@@ -122,20 +110,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
 pub fn open_workspace_tree(workspace: &Path) -> Result<OwnedFd, SpawnError> {
     let c = std::ffi::CString::new(workspace.as_os_str().as_encoded_bytes())
         .map_err(|_| SpawnError::Sys("workspace path", std::io::ErrorKind::InvalidInput.into()))?;
-    // SAFETY: open_tree with a valid path; returns a new fd we own.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE,
-        )
-    };
-    if fd < 0 {
-        return Err(last("open_tree(workspace)"));
-    }
-    // SAFETY: fd is a fresh descriptor from open_tree.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    mount_api::clone_tree(&c).map_err(|e| SpawnError::Sys("open_tree(workspace)", e))
 }
 
 pub fn spawn(
@@ -245,26 +220,12 @@ fn release(sync_write: &OwnedFd) -> Result<bool, SpawnError> {
 /// Attaches the job's user namespace to the detached workspace mount as its idmap.
 fn idmap(tree: RawFd, pid: i32) -> std::io::Result<()> {
     let userns = File::open(format!("/proc/{pid}/ns/user"))?;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
-    // SAFETY: tree is our open_tree fd, attr a valid mount_attr of the given size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as u32 | AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let flags = libc::AT_EMPTY_PATH as u32 | mount_api::AT_RECURSIVE;
+    mount_api::mount_setattr(
+        tree,
+        c"",
+        flags,
+        mount_api::MOUNT_ATTR_IDMAP,
+        Some(userns.as_raw_fd()),
+    )
 }

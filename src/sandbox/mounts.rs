@@ -7,20 +7,9 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
-const AT_RECURSIVE: u32 = 0x8000;
-const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x4;
-
-/// struct mount_attr (include/uapi/linux/mount.h); the libc crate has no wrapper.
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
+use crate::mount_api::{
+    AT_RECURSIVE, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY, mount_setattr, move_tree,
+};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("paths from the plan contain no NUL")
@@ -29,30 +18,9 @@ fn cpath(p: &Path) -> CString {
 /// Sets mount attributes on the mount at `path` (and, if `recursive`, every mount below).
 /// Only ever sets flags: clearing a flag the host locked would fail, and is never wanted.
 fn set_attrs(path: &Path, attrs: u64, recursive: bool) -> Result<(), SetupError> {
-    let attr = MountAttr {
-        attr_set: attrs,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    let c = cpath(path);
-    // SAFETY: c and attr are valid for the call; the kernel reads size_of::<MountAttr>() bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            if recursive { AT_RECURSIVE } else { 0 },
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r != 0 {
-        return Err(fail(format!("restrict the mount {}", path.display()))(
-            nix::errno::Errno::last(),
-        ));
-    }
-    Ok(())
+    let flags = if recursive { AT_RECURSIVE } else { 0 };
+    mount_setattr(libc::AT_FDCWD, &cpath(path), flags, attrs, None)
+        .map_err(fail_io(format!("restrict the mount {}", path.display())))
 }
 
 /// Path of `job_path` (absolute, as the job will see it) under the new root.
@@ -178,24 +146,10 @@ pub fn populate_root(plan: &SandboxPlan) -> Result<(), SetupError> {
         match plan.workspace_tree {
             Some(tree) => {
                 make_mount_point(&target, true)?;
-                let t = cpath(&target);
-                // SAFETY: tree is the detached mount fd from open_tree, target a valid C path.
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_move_mount,
-                        tree,
-                        c"".as_ptr(),
-                        libc::AT_FDCWD,
-                        t.as_ptr(),
-                        MOVE_MOUNT_F_EMPTY_PATH,
-                    )
-                };
-                if r != 0 {
-                    return Err(fail(format!(
-                        "mount the idmapped workspace {}",
-                        ws.display()
-                    ))(nix::errno::Errno::last()));
-                }
+                move_tree(tree, &cpath(&target)).map_err(fail_io(format!(
+                    "mount the idmapped workspace {}",
+                    ws.display()
+                )))?;
                 set_attrs(&target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, true)?;
             }
             None => bind(ws, &target, true)?,
