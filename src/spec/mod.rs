@@ -263,7 +263,9 @@ fn default_name(path: &str) -> &str {
 /// Parses and validates one policy text. `origin` names it in errors.
 pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Policy, SpecError> {
     let line_of = |span: std::ops::Range<usize>| {
-        Some(text[..span.start.min(text.len())].matches('\n').count() + 1)
+        // Counted on bytes: a span is never trusted to fall on a char boundary.
+        let upto = &text.as_bytes()[..span.start.min(text.len())];
+        Some(upto.iter().filter(|&&b| b == b'\n').count() + 1)
     };
     let err = |span: Option<std::ops::Range<usize>>, key: &str, message: String| SpecError {
         origin: origin.to_owned(),
@@ -668,5 +670,39 @@ mod tests {
                 .message
                 .contains("root")
         );
+    }
+
+    /// Bad input is an error, never a panic: mutate the shipped policies byte by byte
+    /// (deterministic xorshift, so a failure reproduces) and parse each variant.
+    #[test]
+    fn mutated_policies_never_panic() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = "[]{}=\"',.#\n 0123456789abcdefghijklmnopqrstuvwxyz/_-\\é→".as_bytes();
+        for (name, text) in BUILTIN_POLICIES {
+            for _ in 0..400 {
+                let mut bytes = text.as_bytes().to_vec();
+                for _ in 0..(1 + next() % 8) {
+                    let at = (next() % bytes.len() as u64) as usize;
+                    match next() % 3 {
+                        0 => bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+                        1 => {
+                            bytes.remove(at);
+                        }
+                        _ => bytes.insert(at, alphabet[(next() % alphabet.len() as u64) as usize]),
+                    }
+                }
+                if let Ok(text) = std::str::from_utf8(&bytes) {
+                    if let Err(e) = parse_policy(text, name, name) {
+                        assert!(!e.message.is_empty() && !e.key.is_empty(), "{e}");
+                    }
+                }
+            }
+        }
     }
 }
