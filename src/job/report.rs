@@ -70,6 +70,9 @@ impl JobExit {
     /// A one-line explanation for statuses 125-127.
     pub fn message(&self) -> Option<String> {
         match self {
+            JobExit::SetupFailed { step, errno: 0 } => {
+                Some(format!("sandbox setup failed: {step}"))
+            }
             JobExit::SetupFailed { step, errno } => Some(format!(
                 "sandbox setup failed: {step}: {}",
                 std::io::Error::from_raw_os_error(*errno)

@@ -94,14 +94,10 @@ pub fn landlock_rights_dropped(kernel_abi: u32) -> Vec<String> {
 }
 
 fn err(step: &str) -> impl FnOnce(landlock::RulesetError) -> SetupError + '_ {
+    // The crate's message already names the OS error; errno 0 says "nothing to add".
     move |e| SetupError {
         step: format!("{step}: {e}"),
-        errno: match &e {
-            landlock::RulesetError::CreateRuleset(
-                landlock::CreateRulesetError::CreateRulesetCall { source, .. },
-            ) => source.raw_os_error().unwrap_or(libc::EPERM),
-            _ => libc::EPERM,
-        },
+        errno: 0,
     }
 }
 
@@ -118,8 +114,13 @@ pub fn restrict(plan: &LandlockPlan) -> Result<(), SetupError> {
         .map_err(err("create the Landlock ruleset"))?;
     for (path, access) in &plan.paths {
         let fd = PathFd::new(path).map_err(|e| SetupError {
-            step: format!("open {} for Landlock: {e}", path.display()),
-            errno: libc::ENOENT,
+            step: format!("open {} for a Landlock rule", path.display()),
+            errno: match e {
+                landlock::PathFdError::OpenCall { source, .. } => {
+                    source.raw_os_error().unwrap_or(libc::EIO)
+                }
+                _ => libc::EIO,
+            },
         })?;
         ruleset = ruleset
             .add_rule(PathBeneath::new(fd, rights(*access)))

@@ -70,7 +70,8 @@ pub struct SandboxPlan {
     pub fault: Option<String>,
 }
 
-/// A failed setup step: what was being done and the errno.
+/// A failed setup step: what was being done and the errno (0 when `step` already says
+/// everything, as the landlock crate's messages do).
 #[derive(Debug)]
 pub struct SetupError {
     pub step: String,
