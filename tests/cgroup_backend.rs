@@ -189,3 +189,62 @@ fn v2_backend_on_the_cgroup2_tree() {
     cg.remove().unwrap();
     assert!(!dirs[0].exists());
 }
+
+/// cgroup.kill (or, on legacy v1, freeze + SIGKILL + thaw) takes down a tree that keeps
+/// forking while it is killed.
+#[test]
+fn kill_takes_down_a_forking_tree() {
+    require_root();
+    let host = HostCgroups::detect().unwrap();
+    let name = format!("agentd-test-forker-{}", std::process::id());
+    let mut cg = create_job_cgroup(
+        &host,
+        None,
+        &name,
+        &CgroupLimits {
+            pids: Some(200),
+            ..Default::default()
+        },
+        &[],
+    )
+    .unwrap();
+    let dirs = cg.dirs();
+    let mut forker = Command::new("sh")
+        .args(["-c", "while :; do (sleep 30 &) ; sleep 0.01; done"])
+        .spawn()
+        .unwrap();
+    for d in &dirs {
+        std::fs::write(d.join("cgroup.procs"), forker.id().to_string()).unwrap();
+    }
+    let procs = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Wait until the tree has grown (slow under emulation), then kill it mid-fork.
+    let grown = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dirs.iter().any(|d| procs(d) > 5) {
+        assert!(
+            std::time::Instant::now() < grown,
+            "the tree did not grow inside the cgroup"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    cg.kill().unwrap();
+    assert!(
+        forker.wait().unwrap().code().is_none(),
+        "the forking shell survived"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while cg.populated() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tasks remain after kill: {:?}",
+            dirs.iter().map(|d| procs(d)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    cg.remove().unwrap();
+    assert!(dirs.iter().all(|d| !d.exists()));
+}

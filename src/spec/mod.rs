@@ -697,10 +697,10 @@ mod tests {
                         _ => bytes.insert(at, alphabet[(next() % alphabet.len() as u64) as usize]),
                     }
                 }
-                if let Ok(text) = std::str::from_utf8(&bytes) {
-                    if let Err(e) = parse_policy(text, name, name) {
-                        assert!(!e.message.is_empty() && !e.key.is_empty(), "{e}");
-                    }
+                if let Ok(text) = std::str::from_utf8(&bytes)
+                    && let Err(e) = parse_policy(text, name, name)
+                {
+                    assert!(!e.message.is_empty() && !e.key.is_empty(), "{e}");
                 }
             }
         }
