@@ -282,3 +282,33 @@ fn init_reaps_orphans() {
     assert_ok(&out);
     assert_eq!(stdout(&out).trim(), "0", "zombies inside the job");
 }
+
+#[test]
+fn a_failed_setup_step_is_named_and_exits_125() {
+    // A grant the job's user cannot reach: its parent directory is root's, mode 0700.
+    // The bind mount runs as the job's user, so it fails, and says where.
+    let env = Env::new();
+    let locked = tempfile::Builder::new()
+        .prefix("agentd-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        locked.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let inner = locked.path().join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    let p = env.policy("locked", &format!("[filesystem]\nexec = [\"/usr\", \"/bin\", \"/lib\", {{ path = \"/lib64\", optional = true }}]\nread = [\"{}\"]\n", inner.display()));
+    let out = env.agentd(&["run", "--policy", p.to_str().unwrap(), "--", "/bin/true"]);
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "sandbox setup failed: bind-mount {}: Permission denied",
+            inner.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

@@ -11,8 +11,10 @@
 //! start, cancellation is SIGTERM, a grace period, then SIGKILL of the job's init, which
 //! takes its whole pid namespace down.
 
+mod landlock;
 pub mod plan;
 pub mod report;
+mod rootfs;
 pub mod spawn;
 mod stale;
 pub mod supervise;
@@ -165,7 +167,9 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
 
     // 1. validate
     let mut plan = plan::validate(options)?;
-    plan.sandbox.fault = fault.clone();
+    plan.sandbox.fault = fault
+        .as_deref()
+        .and_then(crate::sandbox::Step::from_fault_name);
 
     // 2. allocate, after sweeping what runs that died uncleanly left behind
     let cgroup_parents =
@@ -176,7 +180,8 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let id = new_job_id();
     let rundir = RuntimeDir::create(&plan.options.runtime_dir, &id)
         .map_err(pipeline(&id, "create the runtime directory"))?;
-    plan.sandbox.root = rundir.root();
+    plan.sandbox.root = std::ffi::CString::new(rundir.root().into_os_string().into_encoded_bytes())
+        .map_err(|_| Error::Usage("the runtime directory's path contains a NUL byte".into()))?;
     // The job may name itself in logs and requests to agentd.
     plan.sandbox
         .envp
@@ -208,6 +213,38 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         _ => None,
     };
     plan.sandbox.workspace_tree = workspace_tree.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    // The Landlock ruleset: created now so the child inherits it; the parent fills it
+    // while the child builds its root.
+    let landlock = if plan.landlock_abi > 0 {
+        let ruleset = landlock::create().map_err(|message| Error::Pipeline {
+            job: id.clone(),
+            step: "create the Landlock ruleset",
+            message,
+        })?;
+        plan.sandbox.landlock.ruleset = ruleset
+            .child_fd
+            .as_ref()
+            .map(std::os::fd::AsRawFd::as_raw_fd);
+        let mut paths: Vec<_> = plan
+            .policy
+            .filesystem
+            .iter()
+            .map(|g| (g.path.clone(), g.access))
+            .collect();
+        paths.extend(
+            plan.workspace
+                .iter()
+                .map(|w| (w.clone(), crate::spec::Access::Write)),
+        );
+        Some(spawn::LandlockWork {
+            ruleset,
+            paths,
+            tcp_bind: plan.policy.tcp_bind.clone(),
+            tcp_connect: plan.policy.tcp_connect.clone(),
+        })
+    } else {
+        None
+    };
 
     // 3. guards
     let signals =
@@ -231,19 +268,26 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         return Ok(128 + sig);
     }
     let started = Instant::now();
-    let mut child = spawn::spawn(&plan.sandbox, cgroup.as_ref(), &plan.ids, fault.as_deref())
-        .map_err(|e| Error::Pipeline {
-            job: id.clone(),
-            step: "start the job",
-            message: e.to_string(),
-        })?;
+    let mut child = spawn::spawn(
+        &plan.sandbox,
+        cgroup.as_ref(),
+        &plan.ids,
+        plan.workspace.as_deref(),
+        landlock,
+        fault.as_deref(),
+    )
+    .map_err(|e| Error::Pipeline {
+        job: id.clone(),
+        step: "start the job",
+        message: e.to_string(),
+    })?;
     let outcome = supervise::supervise(&mut child, &signals, plan.limits.timeout, started);
     let wall = started.elapsed();
     drop(child);
 
     // Exit: account, then remove the cgroup.
     let usage = cgroup.usage();
-    let exit = JobExit::from_outcome(&outcome);
+    let exit = JobExit::from_outcome(&outcome, &plan.sandbox);
     let cgroup_report = CgroupReport {
         version: cgroup.version().into(),
         dirs: cgroup
@@ -297,7 +341,9 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
                     abi: plan.landlock_abi,
                     policy_min_abi: plan.policy.landlock_abi,
                     rights_dropped_best_effort: plan.landlock_dropped.clone(),
-                    path_rules: plan.sandbox.landlock.paths.len(),
+                    path_rules: plan.sandbox.landlock.child_rules.len()
+                        + plan.policy.filesystem.len()
+                        + usize::from(plan.workspace.is_some()),
                     tcp_bind: plan.policy.tcp_bind.clone(),
                     tcp_connect: plan.policy.tcp_connect.clone(),
                     scoped: if plan.landlock_abi >= 6 {

@@ -3,11 +3,11 @@
 
 use crate::Error;
 use crate::cgroup::{self, CgroupLimits, HostCgroups};
-use crate::sandbox::landlock_rights_dropped;
-use crate::sandbox::{BindMount, LandlockPlan, SandboxPlan, seccomp};
-use crate::spec::{self, Access, Policy, SpecError};
+use crate::sandbox::{LandlockPlan, SandboxPlan, seccomp};
+use crate::spec::{self, Policy, SpecError};
 use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -231,10 +231,11 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         &ids,
         env,
         &limits,
+        landlock_abi,
         !allowed("landlock"),
-    );
+    )?;
     Ok(JobPlan {
-        landlock_dropped: landlock_rights_dropped(landlock_abi),
+        landlock_dropped: super::landlock::rights_dropped(landlock_abi),
         policy,
         options,
         workspace,
@@ -352,6 +353,7 @@ fn cstring(bytes: &[u8], what: &str) -> Result<CString, Error> {
     CString::new(bytes).map_err(|_| Error::Usage(format!("{what} contains a NUL byte")))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_sandbox_plan(
     policy: &Policy,
     options: &RunOptions,
@@ -359,74 +361,71 @@ fn build_sandbox_plan(
     ids: &JobIds,
     env: BTreeMap<String, String>,
     limits: &spec::Limits,
+    landlock_abi: u32,
     landlock_required: bool,
-) -> SandboxPlan {
-    use crate::sandbox::LandlockAccess as LA;
-    let binds: Vec<BindMount> = policy
-        .filesystem
-        .iter()
-        .map(|g| BindMount {
-            path: g.path.clone(),
-            access: g.access,
-        })
-        .collect();
-    let mut paths: Vec<(PathBuf, LA)> = vec![
-        ("/".into(), LA::ListOnly),
-        ("/proc".into(), LA::Devices),
-        ("/dev".into(), LA::Devices),
-        ("/dev/pts".into(), LA::Devices),
-        ("/dev/shm".into(), LA::Policy(Access::Write)),
-        ("/tmp".into(), LA::Policy(Access::Write)),
-    ];
-    paths.extend(
-        policy
-            .filesystem
-            .iter()
-            .map(|g| (g.path.clone(), LA::Policy(g.access))),
-    );
-    if let Some(ws) = workspace {
-        paths.push((ws.to_path_buf(), LA::Policy(Access::Write)));
-    }
-    let search_path = env
-        .get("PATH")
-        .map(|p| {
-            p.split(':')
-                .filter(|d| d.starts_with('/'))
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default();
+) -> Result<SandboxPlan, Error> {
+    let mount_ops = super::rootfs::mount_ops(
+        &policy.filesystem,
+        workspace,
+        ids.workspace_idmapped,
+        limits.memory,
+    )
+    .map_err(|e| Error::Usage(format!("cannot prepare the job's root: {e}")))?;
+    let path_c = |p: &Path| cstring(p.as_os_str().as_bytes(), "a path");
     let envp = env
         .iter()
-        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
-        .collect();
-    let argv = options
+        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes(), "the environment"))
+        .collect::<Result<_, _>>()?;
+    let argv: Vec<CString> = options
         .command
         .iter()
-        .filter_map(|a| cstring(a.as_bytes(), "an argument").ok())
-        .collect();
-    SandboxPlan {
-        root: PathBuf::new(), // set by the allocate step
-        binds,
-        workspace: workspace.map(Path::to_path_buf),
+        .map(|a| cstring(a.as_bytes(), "the command"))
+        .collect::<Result<_, _>>()?;
+    // Like execvp: a name with '/' is used as is; otherwise each directory of the job's
+    // PATH (absolute ones only) is tried in order.
+    let command = options.command[0].as_bytes();
+    let exec_candidates = if command.contains(&b'/') {
+        vec![argv[0].clone()]
+    } else {
+        env.get("PATH")
+            .map(|p| {
+                p.split(':')
+                    .filter(|d| d.starts_with('/'))
+                    .map(|d| {
+                        cstring(format!("{d}/").as_bytes(), "PATH").map(|dir| {
+                            let mut bytes = dir.into_bytes();
+                            bytes.extend_from_slice(command);
+                            CString::new(bytes).expect("checked above")
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default()
+    };
+    Ok(SandboxPlan {
+        root: CString::default(), // set by the allocate step
+        root_options: cstring(
+            format!("mode=0755,uid={},gid={}", ids.uid, ids.gid).as_bytes(),
+            "options",
+        )?,
+        mount_ops,
         workspace_tree: None,
-        hostname: policy.hostname.clone(),
+        hostname: cstring(policy.hostname.as_bytes(), "the hostname")?,
         uid: ids.uid,
         gid: ids.gid,
-        cwd: workspace.map_or_else(|| PathBuf::from("/tmp"), Path::to_path_buf),
+        cwd: path_c(workspace.unwrap_or(Path::new("/tmp")))?,
         landlock: LandlockPlan {
-            paths,
-            tcp_bind: policy.tcp_bind.clone(),
-            tcp_connect: policy.tcp_connect.clone(),
+            ruleset: None,
+            child_rules: super::landlock::child_rules(landlock_abi),
             required: landlock_required,
         },
         seccomp: seccomp::build(),
         argv,
         envp,
-        search_path,
-        tmp_size: limits.memory,
+        exec_candidates,
         fault: None,
-    }
+    })
 }
 
 /// Rejects arguments with NUL bytes before anything is created.

@@ -4,6 +4,7 @@ use super::plan::{Degradation, JobIds};
 use super::supervise::Outcome;
 use crate::cgroup::Usage;
 use crate::sandbox::handshake::ChildMessage;
+use crate::sandbox::{SandboxPlan, Step};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -17,13 +18,18 @@ pub enum JobExit {
 }
 
 impl JobExit {
-    pub fn from_outcome(o: &Outcome) -> JobExit {
+    /// How the job ended; a failed setup step is put in words from the `plan`.
+    pub fn from_outcome(o: &Outcome, plan: &SandboxPlan) -> JobExit {
         // The first message is the decisive one: a failure ends the child's account.
         if let Some(m) = o.messages.first() {
             match m {
-                ChildMessage::SetupFailed { step, errno } => {
+                ChildMessage::SetupFailed { step, index, errno } => {
+                    let step = match Step::from_code(*step) {
+                        Some(s) => plan.describe(s, *index as usize),
+                        None => format!("setup step {step}"),
+                    };
                     return JobExit::SetupFailed {
-                        step: step.clone(),
+                        step,
                         errno: *errno,
                     };
                 }

@@ -1,13 +1,16 @@
 //! Start: clone3 into the job's namespaces (and its cgroup), then the parent's half of
 //! the handshake (see `sandbox::handshake` for the numbered steps).
 
+use super::landlock::JobRuleset;
 use super::plan::JobIds;
 use crate::cgroup::JobCgroup;
 use crate::mount_api;
-use crate::sandbox::{ChildPipes, SandboxPlan, child_main};
+use crate::sandbox::{ChildPipes, ExecArrays, SandboxPlan, child_main};
+use crate::spec::Access;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::path::PathBuf;
 
 /// The namespaces every job gets. (cgroup: unshared by the child once it is inside its
 /// cgroups, so that cgroup is its namespace root.)
@@ -87,6 +90,8 @@ pub enum SpawnError {
     },
     #[error("{0}")]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("{0}")]
+    Landlock(String),
     #[error("injected fault at {0}")]
     Fault(&'static str),
 }
@@ -113,14 +118,26 @@ pub fn open_workspace_tree(workspace: &Path) -> Result<OwnedFd, SpawnError> {
     mount_api::clone_tree(&c).map_err(|e| SpawnError::Sys("open_tree(workspace)", e))
 }
 
+/// The Landlock rules the parent adds while the child builds its root.
+pub struct LandlockWork {
+    pub ruleset: JobRuleset,
+    pub paths: Vec<(PathBuf, Access)>,
+    pub tcp_bind: Vec<u16>,
+    pub tcp_connect: Vec<u16>,
+}
+
 pub fn spawn(
     plan: &SandboxPlan,
     cgroup: &dyn JobCgroup,
     ids: &JobIds,
+    workspace: Option<&Path>,
+    landlock: Option<LandlockWork>,
     fault: Option<&str>,
 ) -> Result<Child, SpawnError> {
     let (sync_read, sync_write) = pipe()?;
     let (status_read, status_write) = pipe()?;
+    // Built before clone: the child may not allocate.
+    let exec = ExecArrays::new(plan);
 
     // Handshake 1: clone3 into new namespaces, born in the v2 cgroup where there is one.
     let mut pidfd: RawFd = -1;
@@ -139,8 +156,9 @@ pub fn spawn(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = fd as u64;
     }
-    // SAFETY: agentd is single-threaded here, so the child (a copy of this process
-    // without CLONE_VM) may run ordinary Rust code; it never returns from child_main.
+    // SAFETY: the child is a copy of this process without CLONE_VM; it runs only
+    // child_main, which allocates nothing and takes no lock (so other threads of this
+    // process, whose locks the copy may hold, do not matter) and never returns.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -149,15 +167,17 @@ pub fn spawn(
         )
     };
     if pid == 0 {
-        drop(sync_write);
-        drop(status_read);
+        // SAFETY: closing the parent's pipe ends in the child, without Drop (no
+        // allocation, and the parent's objects are not ours to destroy).
+        unsafe {
+            libc::close(sync_write.as_raw_fd());
+            libc::close(status_read.as_raw_fd());
+        }
         let pipes = ChildPipes {
             sync_read: sync_read.as_raw_fd(),
             status_write: status_write.as_raw_fd(),
         };
-        std::mem::forget(sync_read);
-        std::mem::forget(status_write);
-        child_main(plan, pipes);
+        child_main(plan, &exec, pipes);
     }
     if pid < 0 {
         return Err(last("clone3 into the job's namespaces"));
@@ -171,6 +191,10 @@ pub fn spawn(
         status: File::from(status_read),
         reaped: false,
     };
+    let landlock = landlock.map(|mut work| {
+        drop(work.ruleset.child_fd.take()); // the child has its copy
+        work
+    });
 
     // Handshake 2: id maps, idmapped workspace; then release the child to build its root.
     // Any error drops `child` (killed and reaped) and `sync_write` (the child sees EOF).
@@ -184,7 +208,7 @@ pub fn spawn(
         format!("{} {} 1\n", ids.gid, ids.host_gid),
     )
     .map_err(|e| SpawnError::Sys("write gid_map", e))?;
-    if let (Some(tree), Some(ws)) = (plan.workspace_tree, &plan.workspace) {
+    if let (Some(tree), Some(ws)) = (plan.workspace_tree, workspace) {
         idmap(tree, child.pid).map_err(|source| SpawnError::Idmap {
             path: ws.display().to_string(),
             uid: ids.host_uid,
@@ -199,7 +223,13 @@ pub fn spawn(
     if !release(&sync_write)? {
         return Ok(child);
     }
-    // Handshake 3: the v1 cgroups, while the child works; then let it go on to exec.
+    // Handshake 3, while the child builds its root: the policy's Landlock rules into the
+    // shared ruleset, the v1 cgroups; then let the child go on to exec.
+    if let Some(work) = landlock {
+        work.ruleset
+            .add_policy_rules(&work.paths, &work.tcp_bind, &work.tcp_connect)
+            .map_err(SpawnError::Landlock)?;
+    }
     cgroup.attach(child.pid)?;
     release(&sync_write)?;
     Ok(child)

@@ -5,8 +5,9 @@
 //! 2. parent: writes uid_map and gid_map, idmaps the workspace mount, then writes one
 //!    byte to the sync pipe. (EOF instead: the parent failed, and the child exits
 //!    without running anything.) The child builds its root meanwhile.
-//! 3. parent: joins the child to the v1 cgroups (each migration waits for an RCU grace
-//!    period, so it runs while the child works), then writes a second byte. The child
+//! 3. parent: adds the policy's rules to the Landlock ruleset the child inherited and
+//!    joins the child to the v1 cgroups (each migration waits for an RCU grace period),
+//!    both while the child works, then writes a second byte. The child
 //!    waits for it before it unshares its cgroup namespace and drops its capabilities;
 //!    any setup failure is written to the status pipe as `SetupFailed` and the child
 //!    exits.
@@ -28,9 +29,19 @@ const MAX_DETAIL: usize = 480;
 /// What the child said, decoded by the parent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChildMessage {
-    SetupFailed { step: String, errno: i32 },
-    ExecFailed { command: String, errno: i32 },
-    Exited { wait_status: i32 },
+    /// `step` is a `sandbox::Step` code, `index` its position in the plan.
+    SetupFailed {
+        step: u32,
+        index: u32,
+        errno: i32,
+    },
+    ExecFailed {
+        command: String,
+        errno: i32,
+    },
+    Exited {
+        wait_status: i32,
+    },
 }
 
 /// Encodes one message into `buf`; returns its length. Allocation-free, since the child
@@ -52,6 +63,14 @@ pub fn send(fd: i32, kind: u32, value: i32, detail: &[u8]) {
     unsafe { libc::write(fd, buf.as_ptr().cast(), len) };
 }
 
+/// Reports a failed setup step: the detail is the step code and index, little endian.
+pub fn send_setup_failed(fd: i32, e: super::SetupError) {
+    let mut detail = [0u8; 8];
+    detail[..4].copy_from_slice(&(e.step as u32).to_le_bytes());
+    detail[4..].copy_from_slice(&e.index.to_le_bytes());
+    send(fd, MSG_SETUP_FAILED, e.errno, &detail);
+}
+
 /// Reads every message until EOF.
 pub fn read_all(mut pipe: impl Read) -> Vec<ChildMessage> {
     let mut bytes = Vec::new();
@@ -65,10 +84,16 @@ pub fn read_all(mut pipe: impl Read) -> Vec<ChildMessage> {
         if len > MAX_DETAIL || rest.len() < 12 + len {
             break;
         }
-        let detail = String::from_utf8_lossy(&rest[12..12 + len]).into_owned();
+        let raw = &rest[12..12 + len];
+        let detail = String::from_utf8_lossy(raw).into_owned();
+        let word = |i: usize| {
+            raw.get(i..i + 4)
+                .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()))
+        };
         out.push(match kind {
             MSG_SETUP_FAILED => ChildMessage::SetupFailed {
-                step: detail,
+                step: word(0),
+                index: word(4),
                 errno: value,
             },
             MSG_EXEC_FAILED => ChildMessage::ExecFailed {
@@ -91,7 +116,12 @@ mod tests {
     fn round_trip() {
         let mut stream = Vec::new();
         let mut buf = [0u8; 512];
-        let n = encode(&mut buf, MSG_SETUP_FAILED, libc::EPERM, b"bind-mount /usr");
+        let n = encode(
+            &mut buf,
+            MSG_SETUP_FAILED,
+            libc::EPERM,
+            &[10, 0, 0, 0, 3, 0, 0, 0],
+        );
         stream.extend_from_slice(&buf[..n]);
         let n = encode(&mut buf, MSG_EXITED, 0x0900, b"");
         stream.extend_from_slice(&buf[..n]);
@@ -99,7 +129,8 @@ mod tests {
             read_all(stream.as_slice()),
             vec![
                 ChildMessage::SetupFailed {
-                    step: "bind-mount /usr".into(),
+                    step: 10,
+                    index: 3,
                     errno: libc::EPERM
                 },
                 ChildMessage::Exited {

@@ -1,7 +1,9 @@
 //! The job's identity: its uid/gid, no supplementary groups, no capabilities, ever.
+//!
+//! Raw prctl/capset rather than the caps crate: caps allocates (HashSet, Vec), and this
+//! code runs where allocation is not allowed (see the module comment of `sandbox`).
 
-use super::{SetupError, fail};
-use caps::CapSet;
+use super::{SetupError, Step, check, errno};
 
 // securebits (include/uapi/linux/securebits.h).
 const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
@@ -11,12 +13,21 @@ const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
 const SECBIT_KEEP_CAPS_LOCKED: libc::c_ulong = 1 << 5;
 const SECBIT_NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
 const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
+/// _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-fn caps_err(step: &'static str) -> impl FnOnce(caps::errors::CapsError) -> SetupError {
-    move |_| SetupError {
-        step: step.into(),
-        errno: nix::errno::Errno::last() as i32,
-    }
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
 }
 
 /// Becomes the job's user while keeping capabilities in the job's user namespace (the
@@ -25,7 +36,7 @@ fn caps_err(step: &'static str) -> impl FnOnce(caps::errors::CapsError) -> Setup
 pub fn become_job_user(uid: u32, gid: u32) -> Result<(), SetupError> {
     // Locked securebits first (needs CAP_SETPCAP, which we still hold): uid 0 inside the
     // namespace never regains capabilities through execve (NOROOT), a uid change never
-    // adjusts them (NO_SETUID_FIXUP: we clear them explicitly below), and ambient
+    // adjusts them (NO_SETUID_FIXUP: they are cleared explicitly later), and ambient
     // capabilities can never be raised.
     let bits = SECBIT_NOROOT
         | SECBIT_NOROOT_LOCKED
@@ -34,35 +45,81 @@ pub fn become_job_user(uid: u32, gid: u32) -> Result<(), SetupError> {
         | SECBIT_KEEP_CAPS_LOCKED
         | SECBIT_NO_CAP_AMBIENT_RAISE
         | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits) } != 0 {
-        return Err(fail("lock the securebits")(nix::errno::Errno::last()));
-    }
+    // SAFETY (all calls): integer arguments only.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits) }.into(),
+        Step::Securebits,
+    )?;
     // No supplementary groups: host root's groups must not follow the job in.
-    nix::unistd::setgroups(&[]).map_err(fail("drop supplementary groups"))?;
-    let (g, u) = (
-        nix::unistd::Gid::from_raw(gid),
-        nix::unistd::Uid::from_raw(uid),
-    );
-    nix::unistd::setresgid(g, g, g).map_err(fail(format!("switch to gid {gid}")))?;
-    nix::unistd::setresuid(u, u, u).map_err(fail(format!("switch to uid {uid}")))
+    check(
+        unsafe { libc::setgroups(0, std::ptr::null()) }.into(),
+        Step::DropGroups,
+    )?;
+    check(
+        unsafe { libc::setresgid(gid, gid, gid) }.into(),
+        Step::SetGid,
+    )?;
+    check(
+        unsafe { libc::setresuid(uid, uid, uid) }.into(),
+        Step::SetUid,
+    )?;
+    Ok(())
 }
 
 /// Clears every capability set and sets no_new_privs.
 pub fn drop_capabilities() -> Result<(), SetupError> {
     // The bounding set caps what any later execve could grant; empty it while we still
-    // have CAP_SETPCAP, then the ambient set, then the rest.
-    caps::clear(None, CapSet::Bounding).map_err(caps_err("clear the capability bounding set"))?;
-    caps::clear(None, CapSet::Ambient).map_err(caps_err("clear the ambient capabilities"))?;
-    // Now the remaining sets. After this the job holds no capability in any namespace.
-    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
-        caps::clear(None, set).map_err(caps_err("clear the capability sets"))?;
+    // have CAP_SETPCAP (EINVAL marks the end of the kernel's capabilities).
+    for cap in 0..64 {
+        // SAFETY: integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap) } != 0 {
+            match errno() {
+                libc::EINVAL if cap > 0 => break,
+                e => {
+                    return Err(SetupError {
+                        step: Step::BoundingSet,
+                        index: cap as u32,
+                        errno: e,
+                    });
+                }
+            }
+        }
     }
-
+    // SAFETY: integer arguments only.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        }
+        .into(),
+        Step::AmbientCaps,
+    )?;
+    // Permitted, effective and inheritable: all zero. After this the job holds no
+    // capability in any namespace.
+    let header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and data are valid for capset's version 3 layout.
+    check(
+        unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) },
+        Step::Capset,
+    )?;
     // No execve may ever grant privileges again (setuid bits, file capabilities).
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(fail("set no_new_privs")(nix::errno::Errno::last()));
-    }
+    // SAFETY: integer arguments only.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(),
+        Step::NoNewPrivs,
+    )?;
     Ok(())
 }

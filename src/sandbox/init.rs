@@ -4,12 +4,14 @@
 //! when the main process ends reports its wait status and exits, which makes the kernel
 //! kill whatever else is left in the namespace.
 
-use super::handshake::{MSG_EXEC_FAILED, MSG_EXITED, send};
-use super::{SandboxPlan, SetupError, fail};
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
+use super::handshake::{MSG_EXEC_FAILED, MSG_EXITED, send, send_setup_failed};
+use super::{ExecArrays, SandboxPlan, SetupError, Step, check};
 
-pub fn run(plan: &SandboxPlan, status_fd: i32) -> Result<std::convert::Infallible, SetupError> {
+pub fn run(
+    plan: &SandboxPlan,
+    exec: &ExecArrays,
+    status_fd: i32,
+) -> Result<std::convert::Infallible, SetupError> {
     // Init keeps only stdio and the status pipe: the cgroup and mount fds the parent
     // prepared are no business of the job's.
     // SAFETY: closing descriptor ranges this process owns.
@@ -33,16 +35,24 @@ pub fn run(plan: &SandboxPlan, status_fd: i32) -> Result<std::convert::Infallibl
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
-    // SAFETY: single-threaded process; the child only calls exec_main, which ends in
-    // execve or _exit.
-    let main = unsafe { libc::fork() };
-    if main < 0 {
-        return Err(fail("fork the job's main process")(
-            nix::errno::Errno::last(),
-        ));
-    }
+    // A raw clone, not fork(3): glibc's fork runs atfork handlers and takes the malloc
+    // locks, which a clone of a multithreaded process may hold forever.
+    // SAFETY: the child only calls exec_main, which ends in execve or _exit.
+    let main = check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                libc::SIGCHLD as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        },
+        Step::ForkMain,
+    )? as libc::pid_t;
     if main == 0 {
-        exec_main(plan, status_fd);
+        exec_main(plan, exec, status_fd);
     }
     // The job runs as the same uid as init: make init's /proc entries (its fds, the
     // status pipe among them) unreachable for it.
@@ -76,7 +86,7 @@ pub fn run(plan: &SandboxPlan, status_fd: i32) -> Result<std::convert::Infallibl
 }
 
 /// In the main process: restore a clean signal state, seccomp last, execve.
-fn exec_main(plan: &SandboxPlan, status_fd: i32) -> ! {
+fn exec_main(plan: &SandboxPlan, exec: &ExecArrays, status_fd: i32) -> ! {
     // SAFETY: only signal-state syscalls on this process, then close_range.
     unsafe {
         // Rust ignores SIGPIPE in agentd; ignored signals survive execve, so restore all.
@@ -98,54 +108,30 @@ fn exec_main(plan: &SandboxPlan, status_fd: i32) -> ! {
         );
     }
     if let Err(e) = super::seccomp::install(&plan.seccomp) {
-        send(
+        let errno = e.raw_os_error().unwrap_or(libc::EPERM);
+        send_setup_failed(
             status_fd,
-            super::handshake::MSG_SETUP_FAILED,
-            e.raw_os_error().unwrap_or(libc::EPERM),
-            b"install the seccomp filter",
+            SetupError {
+                step: Step::Seccomp,
+                index: 0,
+                errno,
+            },
         );
         // SAFETY: leaving the forked child.
         unsafe { libc::_exit(125) };
     }
-    let argv: Vec<*const libc::c_char> = plan
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp: Vec<*const libc::c_char> = plan
-        .envp
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let command = plan.argv[0].as_bytes();
-
-    // Like execvp: a name with '/' is used as is; otherwise each PATH directory is tried,
-    // and "found but not executable" (126) wins over "not found" (127).
+    // Like execvp: each candidate in turn; "found but not executable" (126) wins over
+    // "not found" (127).
     let mut errno = libc::ENOENT;
-    let candidates: Vec<CString> = if command.contains(&b'/') {
-        vec![plan.argv[0].clone()]
-    } else {
-        plan.search_path
-            .iter()
-            .map(|d| {
-                let mut p = d.as_os_str().as_bytes().to_vec();
-                p.push(b'/');
-                p.extend_from_slice(command);
-                CString::new(p).expect("no NUL in PATH entries")
-            })
-            .collect()
-    };
-    for candidate in &candidates {
+    for candidate in &plan.exec_candidates {
         // SAFETY: argv and envp are NULL-terminated arrays of valid C strings, alive here.
-        unsafe { libc::execve(candidate.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        let e = nix::errno::Errno::last() as i32;
+        unsafe { libc::execve(candidate.as_ptr(), exec.argv.as_ptr(), exec.envp.as_ptr()) };
+        let e = super::errno();
         if e != libc::ENOENT && e != libc::ENOTDIR {
             errno = e;
         }
     }
-    send(status_fd, MSG_EXEC_FAILED, errno, command);
+    send(status_fd, MSG_EXEC_FAILED, errno, plan.argv[0].as_bytes());
     // SAFETY: leaving the forked child after a failed exec.
     unsafe { libc::_exit(if errno == libc::ENOENT { 127 } else { 126 }) }
 }

@@ -1,22 +1,25 @@
 //! Child side only: the code between clone3 and execve, in the order it runs.
 //!
-//! The parent hands over a [`SandboxPlan`] (everything already validated and resolved);
-//! the child only carries it out. agentd is single-threaded when it clones, so the child
-//! may allocate; it must not return into the parent's code paths, so every way out is
-//! `_exit`.
+//! The parent prepares a [`SandboxPlan`] in which every path, string, argument vector
+//! and mount operation is already built; the child only carries it out with raw system
+//! calls. It never allocates and never takes a lock, so the same code is safe when the
+//! cloning process has other threads (the daemon) whose locks a clone would copy in a
+//! held state. Errors are a step code, an index into the plan and an errno; the parent
+//! turns them into words. Every way out is `_exit`.
 //!
 //! Order, and why:
 //!  1. die with the parent, then wait for it to write the id maps;
-//!  2. (see 4)
-//!  3. mount namespace made private, then a fresh root: only the policy's paths, the
+//!  2. mount namespace made private, then a fresh root: only the policy's paths, the
 //!     workspace, /proc, a minimal /dev, a private /tmp; pivot_root into it. Midway the
 //!     process becomes the job's uid/gid (an unprivileged host user, no supplementary
 //!     groups) with securebits locked, keeping its namespace capabilities to finish;
-//!  4. hostname and loopback in the job's own UTS and network namespaces; then wait
-//!     until the parent has joined us to every cgroup (v1 needs a migration; v2 had us
-//!     born there), and unshare the cgroup namespace so its root is the job's cgroup;
+//!  3. hostname and loopback in the job's own UTS and network namespaces;
+//!  4. wait until the parent has joined us to every cgroup (v1 needs a migration; v2 had
+//!     us born there) and filled the Landlock ruleset, then unshare the cgroup namespace
+//!     so its root is the job's cgroup;
 //!  5. every capability set cleared, no_new_privs;
-//!  6. Landlock: every right the kernel's ABI has, granted per path and port;
+//!  6. Landlock: the parent's ruleset (every right the kernel's ABI has, granted per
+//!     policy path and port) plus rules for what this process mounted itself;
 //!  7. init: this process stays as pid 1 (reaps, forwards signals, reports the exit) and
 //!     forks the job's main process, which installs seccomp last and execs.
 
@@ -27,70 +30,197 @@ mod landlock;
 mod mounts;
 pub mod seccomp;
 
-pub use landlock::{LandlockAccess, LandlockPlan, landlock_rights_dropped};
+pub use landlock::LandlockPlan;
+pub use mounts::MountOp;
 
-use crate::spec::Access;
 use std::ffi::CString;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
-
-/// A path bound into the job's root at the same place.
-#[derive(Debug, Clone)]
-pub struct BindMount {
-    pub path: PathBuf,
-    pub access: Access,
-}
 
 /// Everything the child needs, prepared by the parent before clone.
 #[derive(Debug)]
 pub struct SandboxPlan {
     /// Host directory the job's new root (a tmpfs) is mounted on, in the child's mount
-    /// namespace only.
-    pub root: PathBuf,
-    /// Sorted so that a parent directory is bound before anything beneath it.
-    pub binds: Vec<BindMount>,
-    pub workspace: Option<PathBuf>,
+    /// namespace only, and that tmpfs's options.
+    pub root: CString,
+    pub root_options: CString,
+    /// What the new root receives, in order, relative to it (see `job::rootfs`).
+    pub mount_ops: Vec<MountOp>,
     /// A detached, idmapped clone of the workspace mount (open_tree), when the workspace
-    /// owner differs from the job's host user.
+    /// owner differs from the job's host user; `MountOp::MoveTree` attaches it.
     pub workspace_tree: Option<RawFd>,
-    pub hostname: String,
+    pub hostname: CString,
     /// Ids inside the job's user namespace.
     pub uid: u32,
     pub gid: u32,
-    pub cwd: PathBuf,
+    pub cwd: CString,
     pub landlock: LandlockPlan,
     pub seccomp: seccomp::SeccompProgram,
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
-    /// Directories searched for a command without '/' (the job's PATH).
-    pub search_path: Vec<PathBuf>,
-    /// Size of the private /tmp in bytes (tmpfs `size=`), if limited.
-    pub tmp_size: Option<u64>,
+    /// Paths to try for the command, in order: itself if it contains '/', else each
+    /// directory of the job's PATH joined with it.
+    pub exec_candidates: Vec<CString>,
     /// Test builds only: the setup step to fail at.
-    pub fault: Option<String>,
+    pub fault: Option<Step>,
 }
 
-/// A failed setup step: what was being done and the errno (0 when `step` already says
-/// everything, as the landlock crate's messages do).
-#[derive(Debug)]
-pub struct SetupError {
-    pub step: String,
-    pub errno: i32,
+/// Where the child is in its setup; sent to the parent when a step fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    ParentDeathSignal = 1,
+    AfterHandshake,
+    PrivateMounts,
+    RootTmpfs,
+    EnterRoot,
+    Securebits,
+    DropGroups,
+    SetGid,
+    SetUid,
+    /// `index` is the position in `SandboxPlan::mount_ops`.
+    MountOp,
+    PivotRoot,
+    DetachHostRoot,
+    EnterSlash,
+    RootReadOnly,
+    AfterMounts,
+    Hostname,
+    Loopback,
+    CgroupNamespace,
+    BoundingSet,
+    AmbientCaps,
+    Capset,
+    NoNewPrivs,
+    WorkingDirectory,
+    /// `index` is the position in `LandlockPlan::child_rules`.
+    LandlockRule,
+    LandlockRestrict,
+    LandlockMissing,
+    AfterLandlock,
+    ForkMain,
+    Seccomp,
 }
 
-pub(crate) fn fail(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> SetupError {
-    let step = step.into();
-    move |e| SetupError {
-        step,
-        errno: e as i32,
+impl Step {
+    pub fn from_code(code: u32) -> Option<Step> {
+        use Step::*;
+        const ALL: [Step; 29] = [
+            ParentDeathSignal,
+            AfterHandshake,
+            PrivateMounts,
+            RootTmpfs,
+            EnterRoot,
+            Securebits,
+            DropGroups,
+            SetGid,
+            SetUid,
+            MountOp,
+            PivotRoot,
+            DetachHostRoot,
+            EnterSlash,
+            RootReadOnly,
+            AfterMounts,
+            Hostname,
+            Loopback,
+            CgroupNamespace,
+            BoundingSet,
+            AmbientCaps,
+            Capset,
+            NoNewPrivs,
+            WorkingDirectory,
+            LandlockRule,
+            LandlockRestrict,
+            LandlockMissing,
+            AfterLandlock,
+            ForkMain,
+            Seccomp,
+        ];
+        ALL.into_iter().find(|s| *s as u32 == code)
+    }
+
+    /// The step a test build's AGENTD_FAULT names, if it names one of the child's.
+    pub fn from_fault_name(name: &str) -> Option<Step> {
+        match name {
+            "after-handshake" => Some(Step::AfterHandshake),
+            "after-mounts" => Some(Step::AfterMounts),
+            "after-landlock" => Some(Step::AfterLandlock),
+            _ => None,
+        }
     }
 }
 
-pub(crate) fn fail_io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
-    let step = step.into();
-    move |e| SetupError {
-        step,
-        errno: e.raw_os_error().unwrap_or(libc::EIO),
+impl SandboxPlan {
+    /// Words for a failed step, for the one-line message and the report (parent side).
+    pub fn describe(&self, step: Step, index: usize) -> String {
+        match step {
+            Step::ParentDeathSignal => "set the parent-death signal".into(),
+            Step::AfterHandshake | Step::AfterMounts | Step::AfterLandlock => {
+                format!("{step:?} (injected fault)")
+            }
+            Step::PrivateMounts => "make the mount namespace private".into(),
+            Step::RootTmpfs => "mount the job's root tmpfs".into(),
+            Step::EnterRoot => "enter the new root".into(),
+            Step::Securebits => "lock the securebits".into(),
+            Step::DropGroups => "drop supplementary groups".into(),
+            Step::SetGid => format!("switch to gid {}", self.gid),
+            Step::SetUid => format!("switch to uid {}", self.uid),
+            Step::MountOp => self
+                .mount_ops
+                .get(index)
+                .map_or_else(|| "a mount step".into(), MountOp::describe),
+            Step::PivotRoot => "pivot_root into the new root".into(),
+            Step::DetachHostRoot => "detach the host's root".into(),
+            Step::EnterSlash => "enter /".into(),
+            Step::RootReadOnly => "make the root read-only".into(),
+            Step::Hostname => "set the hostname".into(),
+            Step::Loopback => "bring up loopback".into(),
+            Step::CgroupNamespace => "create the cgroup namespace".into(),
+            Step::BoundingSet => "clear the capability bounding set".into(),
+            Step::AmbientCaps => "clear the ambient capabilities".into(),
+            Step::Capset => "clear the capability sets".into(),
+            Step::NoNewPrivs => "set no_new_privs".into(),
+            Step::WorkingDirectory => {
+                format!("enter the working directory {}", self.cwd.to_string_lossy())
+            }
+            Step::LandlockRule => match self.landlock.child_rules.get(index) {
+                Some((path, _)) => format!("add a Landlock rule for {}", path.to_string_lossy()),
+                None => "add a Landlock rule".into(),
+            },
+            Step::LandlockRestrict => "enforce Landlock".into(),
+            Step::LandlockMissing => {
+                "enforce Landlock: the kernel has none and no downgrade was asked for".into()
+            }
+            Step::ForkMain => "fork the job's main process".into(),
+            Step::Seccomp => "install the seccomp filter".into(),
+        }
+    }
+}
+
+/// A failed setup step: which, where in the plan, and the errno.
+#[derive(Debug, Clone, Copy)]
+pub struct SetupError {
+    pub step: Step,
+    pub index: u32,
+    pub errno: i32,
+}
+
+/// The errno of the last failed call, read without allocating.
+pub(crate) fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Fails `step` with the current errno when `r` is negative.
+pub(crate) fn check(r: libc::c_long, step: Step) -> Result<libc::c_long, SetupError> {
+    if r < 0 {
+        Err(SetupError {
+            step,
+            index: 0,
+            errno: errno(),
+        })
+    } else {
+        Ok(r)
     }
 }
 
@@ -100,17 +230,34 @@ pub struct ChildPipes {
     pub status_write: RawFd,
 }
 
+/// The NULL-terminated argument and environment arrays for execve, built by the parent
+/// before clone (the child may not allocate).
+pub struct ExecArrays {
+    pub argv: Vec<*const libc::c_char>,
+    pub envp: Vec<*const libc::c_char>,
+}
+
+impl ExecArrays {
+    pub fn new(plan: &SandboxPlan) -> ExecArrays {
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        ExecArrays {
+            argv: ptrs(&plan.argv),
+            envp: ptrs(&plan.envp),
+        }
+    }
+}
+
 /// Entry point of the cloned child. Never returns.
-pub fn child_main(plan: &SandboxPlan, pipes: ChildPipes) -> ! {
-    match setup(plan, &pipes) {
+pub fn child_main(plan: &SandboxPlan, exec: &ExecArrays, pipes: ChildPipes) -> ! {
+    match setup(plan, exec, &pipes) {
         Ok(never) => match never {},
         Err(e) => {
-            handshake::send(
-                pipes.status_write,
-                handshake::MSG_SETUP_FAILED,
-                e.errno,
-                e.step.as_bytes(),
-            );
+            handshake::send_setup_failed(pipes.status_write, e);
             // SAFETY: leaving the child without running the parent's destructors.
             unsafe { libc::_exit(125) }
         }
@@ -128,60 +275,74 @@ fn wait_for_parent(sync_read: RawFd) {
     }
 }
 
-fn fault_point(plan: &SandboxPlan, step: &str) -> Result<(), SetupError> {
-    if plan.fault.as_deref() == Some(step) {
+fn fault_point(plan: &SandboxPlan, step: Step) -> Result<(), SetupError> {
+    if plan.fault == Some(step) {
         return Err(SetupError {
-            step: format!("{step} (injected fault)"),
+            step,
+            index: 0,
             errno: libc::EIO,
         });
     }
     Ok(())
 }
 
-fn setup(plan: &SandboxPlan, pipes: &ChildPipes) -> Result<std::convert::Infallible, SetupError> {
+fn setup(
+    plan: &SandboxPlan,
+    exec: &ExecArrays,
+    pipes: &ChildPipes,
+) -> Result<std::convert::Infallible, SetupError> {
     // 1. If agentd dies, so does the job: nothing may outlive its supervisor unobserved.
     // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        return Err(fail("set the parent-death signal")(
-            nix::errno::Errno::last(),
-        ));
-    }
+    check(
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }.into(),
+        Step::ParentDeathSignal,
+    )?;
     // Handshake step 2: one byte means the parent has written our id maps; EOF means
     // it gave up, and we must not run anything.
     wait_for_parent(pipes.sync_read);
-    fault_point(plan, "after-handshake")?;
+    fault_point(plan, Step::AfterHandshake)?;
 
-    // 3. The filesystem view: an empty root, then (as the job's user, so what is
+    // 2. The filesystem view: an empty root, then (as the job's user, so what is
     //    created there is owned by an id the namespace maps) its contents, then pivot.
     mounts::enter_new_root(plan)?;
     identity::become_job_user(plan.uid, plan.gid)?;
     mounts::populate_root(plan)?;
-    fault_point(plan, "after-mounts")?;
+    fault_point(plan, Step::AfterMounts)?;
 
-    // 4. Hostname and loopback: the job's UTS and network namespaces start bare.
-    nix::unistd::sethostname(&plan.hostname).map_err(fail("set the hostname"))?;
+    // 3. Hostname and loopback: the job's UTS and network namespaces start bare.
+    let name = plan.hostname.as_bytes();
+    // SAFETY: name points at len valid bytes.
+    check(
+        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }.into(),
+        Step::Hostname,
+    )?;
     mounts::loopback_up()?;
 
-    // Handshake step 3: the parent joined us to the v1 cgroups meanwhile (a migration
-    // costs an RCU grace period, so it overlaps the work above). No job code has run.
+    // 4. Handshake step 3: the parent joined us to the v1 cgroups and filled the Landlock
+    //    ruleset meanwhile (a v1 migration costs an RCU grace period, so it overlaps the
+    //    work above). No job code has run.
     wait_for_parent(pipes.sync_read);
     // SAFETY: closing our copy of a pipe fd we own.
     unsafe { libc::close(pipes.sync_read) };
     // A cgroup namespace rooted at the job's cgroup, now that we are inside all of them.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-        .map_err(fail("create the cgroup namespace"))?;
+    // SAFETY: unshare with a constant flag.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }.into(),
+        Step::CgroupNamespace,
+    )?;
 
     // 5. No capability survives this; no execve can grant one again.
     identity::drop_capabilities()?;
 
-    // 6. Landlock, while the paths are still open-able by name.
-    std::env::set_current_dir(&plan.cwd).map_err(fail_io(format!(
-        "enter the working directory {}",
-        plan.cwd.display()
-    )))?;
+    // 6. Landlock, while the paths it names can still be opened.
+    // SAFETY: chdir to a valid C path.
+    check(
+        unsafe { libc::chdir(plan.cwd.as_ptr()) }.into(),
+        Step::WorkingDirectory,
+    )?;
     landlock::restrict(&plan.landlock)?;
-    fault_point(plan, "after-landlock")?;
+    fault_point(plan, Step::AfterLandlock)?;
 
     // 7. Become the job's init; the main process installs seccomp and execs.
-    init::run(plan, pipes.status_write)
+    init::run(plan, exec, pipes.status_write)
 }
