@@ -136,6 +136,7 @@ pub fn spawn(
 ) -> Result<Child, SpawnError> {
     let (sync_read, sync_write) = pipe()?;
     let (status_read, status_write) = pipe()?;
+    let (net_helper_end, net_child_end) = socketpair()?;
     // Built before clone: the child may not allocate.
     let exec = ExecArrays::new(plan);
 
@@ -143,10 +144,10 @@ pub fn spawn(
     let mut pidfd: RawFd = -1;
     // SAFETY: clone_args is plain data; zero is the neutral value of every field.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    // No CLONE_NEWNET: a helper makes the network namespace concurrently (sandbox::netns).
     args.flags = (libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
-        | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS) as u64
         | libc::CLONE_PIDFD as u64;
@@ -172,10 +173,12 @@ pub fn spawn(
         unsafe {
             libc::close(sync_write.as_raw_fd());
             libc::close(status_read.as_raw_fd());
+            libc::close(net_helper_end.as_raw_fd());
         }
         let pipes = ChildPipes {
             sync_read: sync_read.as_raw_fd(),
             status_write: status_write.as_raw_fd(),
+            netns: net_child_end.as_raw_fd(),
         };
         child_main(plan, &exec, pipes);
     }
@@ -184,6 +187,26 @@ pub fn spawn(
     }
     drop(sync_read);
     drop(status_write);
+    drop(net_child_end);
+    // The network-namespace helper: forked now, it works while we write the id maps
+    // and the child builds its root.
+    let userns_path = std::ffi::CString::new(format!("/proc/{pid}/ns/user")).expect("no NUL");
+    // SAFETY: the helper runs only netns::helper_main (allocation-free) and exits.
+    let helper = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if helper == 0 {
+        crate::sandbox::netns::helper_main(&userns_path, net_helper_end.as_raw_fd());
+    }
+    drop(net_helper_end);
+    let helper = Helper(helper as libc::pid_t);
     let child = Child {
         pid: pid as i32,
         // SAFETY: the kernel stored a fresh pidfd for the child.
@@ -232,7 +255,38 @@ pub fn spawn(
     }
     cgroup.attach(child.pid)?;
     release(&sync_write)?;
+    drop(helper);
     Ok(child)
+}
+
+/// The network-namespace helper, reaped on drop (it has finished, or fails fast).
+struct Helper(libc::pid_t);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(self.0, std::ptr::null_mut(), 0) };
+        }
+    }
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(last("socketpair"));
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Writes one byte to the child; false if it is already gone.

@@ -13,7 +13,8 @@
 //!     workspace, /proc, a minimal /dev, a private /tmp; pivot_root into it. Midway the
 //!     process becomes the job's uid/gid (an unprivileged host user, no supplementary
 //!     groups) with securebits locked, keeping its namespace capabilities to finish;
-//!  3. hostname and loopback in the job's own UTS and network namespaces;
+//!  3. hostname in the job's own UTS namespace; join the network namespace (with
+//!     loopback up) that a helper of the parent made meanwhile (see `netns`);
 //!  4. wait until the parent has joined us to every cgroup (v1 needs a migration; v2 had
 //!     us born there) and filled the Landlock ruleset, then unshare the cgroup namespace
 //!     so its root is the job's cgroup;
@@ -28,6 +29,7 @@ mod identity;
 mod init;
 mod landlock;
 mod mounts;
+pub mod netns;
 pub mod seccomp;
 
 pub use landlock::LandlockPlan;
@@ -86,6 +88,7 @@ pub enum Step {
     AfterMounts,
     Hostname,
     Loopback,
+    NetNamespace,
     CgroupNamespace,
     BoundingSet,
     AmbientCaps,
@@ -104,7 +107,7 @@ pub enum Step {
 impl Step {
     pub fn from_code(code: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 29] = [
+        const ALL: [Step; 30] = [
             ParentDeathSignal,
             AfterHandshake,
             PrivateMounts,
@@ -122,6 +125,7 @@ impl Step {
             AfterMounts,
             Hostname,
             Loopback,
+            NetNamespace,
             CgroupNamespace,
             BoundingSet,
             AmbientCaps,
@@ -174,6 +178,7 @@ impl SandboxPlan {
             Step::RootReadOnly => "make the root read-only".into(),
             Step::Hostname => "set the hostname".into(),
             Step::Loopback => "bring up loopback".into(),
+            Step::NetNamespace => "join the network namespace the helper made".into(),
             Step::CgroupNamespace => "create the cgroup namespace".into(),
             Step::BoundingSet => "clear the capability bounding set".into(),
             Step::AmbientCaps => "clear the ambient capabilities".into(),
@@ -228,6 +233,8 @@ pub(crate) fn check(r: libc::c_long, step: Step) -> Result<libc::c_long, SetupEr
 pub struct ChildPipes {
     pub sync_read: RawFd,
     pub status_write: RawFd,
+    /// The socket the network-namespace helper sends the job's namespace on.
+    pub netns: RawFd,
 }
 
 /// The NULL-terminated argument and environment arrays for execve, built by the parent
@@ -316,7 +323,8 @@ fn setup(
         unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }.into(),
         Step::Hostname,
     )?;
-    mounts::loopback_up()?;
+    // Join the network namespace the parent's helper made meanwhile (loopback is up).
+    netns::join(pipes.netns)?;
 
     // 4. Handshake step 3: the parent joined us to the v1 cgroups and filled the Landlock
     //    ruleset meanwhile (a v1 migration costs an RCU grace period, so it overlaps the
@@ -345,4 +353,23 @@ fn setup(
 
     // 7. Become the job's init; the main process installs seccomp and execs.
     init::run(plan, exec, pipes.status_write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    #[test]
+    fn every_step_code_round_trips() {
+        let mut code = 1;
+        while let Some(step) = Step::from_code(code) {
+            assert_eq!(step as u32, code);
+            code += 1;
+        }
+        assert_eq!(
+            code - 1,
+            Step::Seccomp as u32,
+            "Step::from_code misses a step"
+        );
+    }
 }
