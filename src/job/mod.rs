@@ -23,9 +23,7 @@ pub use plan::RunOptions;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupLimits};
-use report::{
-    CgroupReport, Enforced, JobExit, JobReport, LandlockReport, PolicyRef, SeccompReport,
-};
+use report::{CgroupReport, JobExit, JobReport};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
@@ -101,32 +99,6 @@ fn new_job_id() -> String {
         bytes.copy_from_slice(&t.to_le_bytes()[..6]);
     }
     crate::spec::hex(&bytes)
-}
-
-/// The policy's grants plus what agentd itself grants, each with its rule.
-fn filesystem_grants(plan: &plan::JobPlan) -> Vec<crate::spec::PathGrant> {
-    use crate::spec::{Access, PathGrant};
-    let mut grants = plan.policy.filesystem.clone();
-    if let Some(ws) = &plan.workspace {
-        grants.push(PathGrant {
-            path: ws.clone(),
-            access: Access::Write,
-            rule: "command line:--workspace".into(),
-        });
-    }
-    for (path, access) in [
-        ("/tmp", Access::Write),
-        ("/dev/shm", Access::Write),
-        ("/proc", Access::Read),
-        ("/dev", Access::Read),
-    ] {
-        grants.push(PathGrant {
-            path: path.into(),
-            access,
-            rule: "agentd:private".into(),
-        });
-    }
-    grants
 }
 
 /// Test builds read AGENTD_FAULT to fail at a named pipeline step; release builds never do.
@@ -311,61 +283,16 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     }
 
     if let Some(path) = &plan.options.report {
-        let landlock_enforced =
-            !plan.degraded.iter().any(|d| d.feature == "landlock") || plan.landlock_abi > 0;
-        let report = JobReport {
-            job_id: id.clone(),
-            command: plan.options.command.clone(),
-            workspace: plan.workspace.as_ref().map(|w| w.display().to_string()),
-            policy: PolicyRef {
-                name: plan.policy.name.clone(),
-                source: plan.policy.source.clone(),
-                sha256: plan.policy.sha256.clone(),
-            },
-            agent: plan.policy.identity.agent.clone(),
-            model: plan.policy.identity.model.clone(),
-            started_at_unix: started_at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
-            wall_time_sec: wall.as_secs_f64(),
-            exit: report::exit_report(&exit, outcome.timed_out),
-            limits: plan.limits.clone(),
+        let facts = report::RunFacts {
+            job_id: &id,
+            started_at,
+            wall,
+            exit: &exit,
+            outcome: &outcome,
             usage,
-            signals_forwarded: outcome.forwarded.clone(),
-            enforced: Enforced {
-                namespaces: spawn::NAMESPACES.to_vec(),
-                filesystem: filesystem_grants(&plan),
-                cgroup: cgroup_report,
-                landlock: landlock_enforced.then(|| LandlockReport {
-                    abi: plan.landlock_abi,
-                    policy_min_abi: plan.policy.landlock_abi,
-                    rights_dropped_best_effort: plan.landlock_dropped.clone(),
-                    path_rules: plan.sandbox.landlock.child_rules.len()
-                        + plan.policy.filesystem.len()
-                        + usize::from(plan.workspace.is_some()),
-                    tcp_bind: plan.policy.tcp_bind.clone(),
-                    tcp_connect: plan.policy.tcp_connect.clone(),
-                    scoped: if plan.landlock_abi >= 6 {
-                        vec!["abstract-unix-socket", "signal"]
-                    } else {
-                        vec![]
-                    },
-                }),
-                seccomp: SeccompReport {
-                    instructions: plan.sandbox.seccomp.instructions.len(),
-                    denied: plan.sandbox.seccomp.denied.clone(),
-                    sha256: plan.sandbox.seccomp.sha256.clone(),
-                    default_action: "allow",
-                    deny_action: "errno(EPERM); clone3 errno(ENOSYS)",
-                },
-                capabilities: Vec::new(),
-                no_new_privs: true,
-                user: plan.ids,
-                degraded: plan.degraded.clone(),
-            },
+            cgroup: cgroup_report,
         };
-        if let Err(e) = report::write_report(path, &report) {
+        if let Err(e) = report::write_report(path, &JobReport::new(&plan, facts)) {
             eprintln!(
                 "agentd: job {id}: cannot write the report {}: {e}",
                 path.display()

@@ -1,6 +1,6 @@
 //! The job's JSON report: what ran, how it ended, what it used, what was enforced.
 
-use super::plan::{Degradation, JobIds};
+use super::plan::{Degradation, JobIds, JobPlan};
 use super::supervise::Outcome;
 use crate::cgroup::Usage;
 use crate::sandbox::handshake::ChildMessage;
@@ -194,4 +194,100 @@ pub fn write_report(path: &std::path::Path, report: &JobReport) -> std::io::Resu
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+/// What happened to one run, gathered by the pipeline for its report.
+pub struct RunFacts<'a> {
+    pub job_id: &'a str,
+    pub started_at: std::time::SystemTime,
+    pub wall: std::time::Duration,
+    pub exit: &'a JobExit,
+    pub outcome: &'a Outcome,
+    pub usage: Usage,
+    pub cgroup: CgroupReport,
+}
+
+impl JobReport {
+    pub fn new(plan: &JobPlan, run: RunFacts<'_>) -> JobReport {
+        let sandbox = &plan.sandbox;
+        JobReport {
+            job_id: run.job_id.to_owned(),
+            command: plan.options.command.clone(),
+            workspace: plan.workspace.as_ref().map(|w| w.display().to_string()),
+            policy: PolicyRef {
+                name: plan.policy.name.clone(),
+                source: plan.policy.source.clone(),
+                sha256: plan.policy.sha256.clone(),
+            },
+            agent: plan.policy.identity.agent.clone(),
+            model: plan.policy.identity.model.clone(),
+            started_at_unix: run
+                .started_at
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            wall_time_sec: run.wall.as_secs_f64(),
+            exit: exit_report(run.exit, run.outcome.timed_out),
+            limits: plan.limits.clone(),
+            usage: run.usage,
+            signals_forwarded: run.outcome.forwarded.clone(),
+            enforced: Enforced {
+                namespaces: super::spawn::NAMESPACES.to_vec(),
+                filesystem: filesystem_grants(plan),
+                cgroup: run.cgroup,
+                landlock: (plan.landlock_abi > 0).then(|| LandlockReport {
+                    abi: plan.landlock_abi,
+                    policy_min_abi: plan.policy.landlock_abi,
+                    rights_dropped_best_effort: plan.landlock_dropped.clone(),
+                    path_rules: sandbox.landlock.child_rules.len()
+                        + plan.policy.filesystem.len()
+                        + usize::from(plan.workspace.is_some()),
+                    tcp_bind: plan.policy.tcp_bind.clone(),
+                    tcp_connect: plan.policy.tcp_connect.clone(),
+                    scoped: if plan.landlock_abi >= 6 {
+                        vec!["abstract-unix-socket", "signal"]
+                    } else {
+                        vec![]
+                    },
+                }),
+                seccomp: SeccompReport {
+                    instructions: sandbox.seccomp.instructions.len(),
+                    denied: sandbox.seccomp.denied.clone(),
+                    sha256: sandbox.seccomp.sha256.clone(),
+                    default_action: "allow",
+                    deny_action: "errno(EPERM); clone3 errno(ENOSYS)",
+                },
+                capabilities: Vec::new(),
+                no_new_privs: true,
+                user: plan.ids,
+                degraded: plan.degraded.clone(),
+            },
+        }
+    }
+}
+
+/// The policy's grants plus what agentd itself grants, each with its rule.
+fn filesystem_grants(plan: &JobPlan) -> Vec<crate::spec::PathGrant> {
+    use crate::spec::{Access, PathGrant};
+    let mut grants = plan.policy.filesystem.clone();
+    if let Some(ws) = &plan.workspace {
+        grants.push(PathGrant {
+            path: ws.clone(),
+            access: Access::Write,
+            rule: "command line:--workspace".into(),
+        });
+    }
+    for (path, access) in [
+        ("/tmp", Access::Write),
+        ("/dev/shm", Access::Write),
+        ("/proc", Access::Read),
+        ("/dev", Access::Read),
+    ] {
+        grants.push(PathGrant {
+            path: path.into(),
+            access,
+            rule: "agentd:private".into(),
+        });
+    }
+    grants
 }
