@@ -176,8 +176,10 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         source,
     })?;
     step_fault(&id, "after-cgroup")?;
-    let workspace_tree = match (&plan.workspace, plan.ids.workspace_idmapped) {
-        (Some(ws), true) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline {
+    // The workspace is cloned here, by root, so the job's user need not be able to reach
+    // it through the host's directories; idmapped after clone when its owner differs.
+    let workspace_tree = match &plan.workspace {
+        Some(ws) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline {
             job: id.clone(),
             step: "clone the workspace mount",
             message: e.to_string(),

@@ -364,13 +364,8 @@ fn build_sandbox_plan(
     landlock_abi: u32,
     landlock_required: bool,
 ) -> Result<SandboxPlan, Error> {
-    let mount_ops = super::rootfs::mount_ops(
-        &policy.filesystem,
-        workspace,
-        ids.workspace_idmapped,
-        limits.memory,
-    )
-    .map_err(|e| Error::Usage(format!("cannot prepare the job's root: {e}")))?;
+    let mount_ops = super::rootfs::mount_ops(&policy.filesystem, workspace, limits.memory)
+        .map_err(|e| Error::Usage(format!("cannot prepare the job's root: {e}")))?;
     let path_c = |p: &Path| cstring(p.as_os_str().as_bytes(), "a path");
     let envp = env
         .iter()

@@ -81,7 +81,6 @@ impl Builder {
 pub fn mount_ops(
     grants: &[PathGrant],
     workspace: Option<&Path>,
-    workspace_idmapped: bool,
     tmp_size: Option<u64>,
 ) -> Result<Vec<MountOp>, String> {
     let mut b = Builder {
@@ -176,25 +175,16 @@ pub fn mount_ops(
         &tmp_opts,
     );
 
-    // The workspace at its own absolute path, writable. If its owner is not the job's
-    // host user, the parent prepared an idmapped clone of the mount so the job owns it.
+    // The workspace at its own absolute path, writable: the parent's clone of its mount
+    // (idmapped when its owner is not the job's host user, so the job owns it).
     if let Some(ws) = workspace {
         b.mount_point(ws, true);
-        if workspace_idmapped {
-            b.ops.push(MountOp::MoveTree { dst: rel(ws) });
-            b.ops.push(MountOp::SetAttrs {
-                path: rel(ws),
-                attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                recursive: true,
-            });
-        } else {
-            b.ops.push(MountOp::Bind {
-                src: c(ws.as_os_str().as_bytes()),
-                dst: rel(ws),
-                attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                recursive: true,
-            });
-        }
+        b.ops.push(MountOp::MoveTree { dst: rel(ws) });
+        b.ops.push(MountOp::SetAttrs {
+            path: rel(ws),
+            attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            recursive: true,
+        });
     }
     Ok(b.ops)
 }
@@ -222,7 +212,7 @@ mod tests {
                 rule: "r".into(),
             },
         ];
-        let ops = mount_ops(&grants, Some(Path::new("/tmp/a/ws")), false, Some(1 << 20)).unwrap();
+        let ops = mount_ops(&grants, Some(Path::new("/tmp/a/ws")), Some(1 << 20)).unwrap();
         let mkdirs: Vec<String> = ops
             .iter()
             .filter_map(|o| {
@@ -245,12 +235,9 @@ mod tests {
                 .unwrap_or_else(|| panic!("{want} in {mkdirs:?}"))
         };
         assert!(pos("./tmp") < pos("./tmp/a") && pos("./tmp/a") < pos("./tmp/a/ws"));
-        match ops.last().unwrap() {
-            MountOp::Bind { src, dst, .. } => assert_eq!(
-                (src.to_bytes(), dst.to_bytes()),
-                (&b"/tmp/a/ws"[..], &b"./tmp/a/ws"[..])
-            ),
-            other => panic!("workspace bind expected last, got {other:?}"),
+        match &ops[ops.len() - 2] {
+            MountOp::MoveTree { dst } => assert_eq!(dst.to_bytes(), b"./tmp/a/ws"),
+            other => panic!("the workspace's move expected, got {other:?}"),
         }
     }
 }

@@ -231,7 +231,7 @@ pub fn spawn(
         format!("{} {} 1\n", ids.gid, ids.host_gid),
     )
     .map_err(|e| SpawnError::Sys("write gid_map", e))?;
-    if let (Some(tree), Some(ws)) = (plan.workspace_tree, workspace) {
+    if let (Some(tree), Some(ws), true) = (plan.workspace_tree, workspace, ids.workspace_idmapped) {
         idmap(tree, child.pid).map_err(|source| SpawnError::Idmap {
             path: ws.display().to_string(),
             uid: ids.host_uid,

@@ -47,8 +47,9 @@ pub struct SandboxPlan {
     pub root_options: CString,
     /// What the new root receives, in order, relative to it (see `job::rootfs`).
     pub mount_ops: Vec<MountOp>,
-    /// A detached, idmapped clone of the workspace mount (open_tree), when the workspace
-    /// owner differs from the job's host user; `MountOp::MoveTree` attaches it.
+    /// A detached clone of the workspace mount (open_tree, by the parent), idmapped when
+    /// the workspace owner differs from the job's host user; `MountOp::MoveTree`
+    /// attaches it.
     pub workspace_tree: Option<RawFd>,
     pub hostname: CString,
     /// Ids inside the job's user namespace.

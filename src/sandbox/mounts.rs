@@ -42,7 +42,7 @@ pub enum MountOp {
         target: CString,
         link: CString,
     },
-    /// Attach the idmapped workspace clone (`SandboxPlan::workspace_tree`) at `dst`.
+    /// Attach the workspace's mount clone (`SandboxPlan::workspace_tree`) at `dst`.
     MoveTree {
         dst: CString,
     },

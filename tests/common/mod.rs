@@ -25,12 +25,14 @@ pub struct Env {
 impl Env {
     pub fn new() -> Env {
         require_root();
-        Env {
-            dir: tempfile::Builder::new()
-                .prefix("agentd-test-")
-                .tempdir()
-                .expect("create a temp dir"),
-        }
+        // 0755 whatever the umask: the job's unprivileged user must be able to reach
+        // files the tests put below it.
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-test-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .tempdir()
+            .expect("create a temp dir");
+        Env { dir }
     }
 
     pub fn runtime_dir(&self) -> PathBuf {
@@ -41,6 +43,7 @@ impl Env {
     pub fn workspace(&self, name: &str, owner: Option<(u32, u32)>) -> PathBuf {
         let ws = self.dir.path().join(name);
         std::fs::create_dir_all(&ws).unwrap();
+        std::fs::set_permissions(&ws, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         if let Some((u, g)) = owner {
             std::os::unix::fs::chown(&ws, Some(u), Some(g)).unwrap();
         }
