@@ -191,17 +191,8 @@ pub fn spawn(
     // The network-namespace helper: forked now, it works while we write the id maps
     // and the child builds its root.
     let userns_path = std::ffi::CString::new(format!("/proc/{pid}/ns/user")).expect("no NUL");
-    // SAFETY: the helper runs only netns::helper_main (allocation-free) and exits.
-    let helper = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
+    // The helper runs only netns::helper_main (allocation-free) and exits.
+    let helper = crate::sandbox::raw_fork();
     if helper == 0 {
         crate::sandbox::netns::helper_main(&userns_path, net_helper_end.as_raw_fd());
     }

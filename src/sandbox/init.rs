@@ -35,22 +35,7 @@ pub fn run(
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
-    // A raw clone, not fork(3): glibc's fork runs atfork handlers and takes the malloc
-    // locks, which a clone of a multithreaded process may hold forever.
-    // SAFETY: the child only calls exec_main, which ends in execve or _exit.
-    let main = check(
-        unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                libc::SIGCHLD as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        },
-        Step::ForkMain,
-    )? as libc::pid_t;
+    let main = check(super::raw_fork(), Step::ForkMain)? as libc::pid_t;
     if main == 0 {
         exec_main(plan, exec, status_fd);
     }

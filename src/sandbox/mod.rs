@@ -67,11 +67,24 @@ pub struct SandboxPlan {
     pub fault: Option<Step>,
 }
 
-/// Where the child is in its setup; sent to the parent when a step fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Step {
-    ParentDeathSignal = 1,
+/// Declares `Step` and the table that decodes its codes, from one list.
+macro_rules! steps {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Where the child is in its setup; sent to the parent when a step fails.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Step {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl Step {
+            const ALL: &'static [Step] = &[$(Step::$name,)*];
+        }
+    };
+}
+
+steps! {
+    ParentDeathSignal,
     AfterHandshake,
     PrivateMounts,
     RootTmpfs,
@@ -106,41 +119,9 @@ pub enum Step {
 }
 
 impl Step {
+    /// The step a code sent by the child stands for.
     pub fn from_code(code: u32) -> Option<Step> {
-        use Step::*;
-        const ALL: [Step; 30] = [
-            ParentDeathSignal,
-            AfterHandshake,
-            PrivateMounts,
-            RootTmpfs,
-            EnterRoot,
-            Securebits,
-            DropGroups,
-            SetGid,
-            SetUid,
-            MountOp,
-            PivotRoot,
-            DetachHostRoot,
-            EnterSlash,
-            RootReadOnly,
-            AfterMounts,
-            Hostname,
-            Loopback,
-            NetNamespace,
-            CgroupNamespace,
-            BoundingSet,
-            AmbientCaps,
-            Capset,
-            NoNewPrivs,
-            WorkingDirectory,
-            LandlockRule,
-            LandlockRestrict,
-            LandlockMissing,
-            AfterLandlock,
-            ForkMain,
-            Seccomp,
-        ];
-        ALL.into_iter().find(|s| *s as u32 == code)
+        Step::ALL.get(code as usize).copied()
     }
 
     /// The step a test build's AGENTD_FAULT names, if it names one of the child's.
@@ -227,6 +208,24 @@ pub(crate) fn check(r: libc::c_long, step: Step) -> Result<libc::c_long, SetupEr
         })
     } else {
         Ok(r)
+    }
+}
+
+/// fork(2) as a raw clone: glibc's fork runs atfork handlers and takes the malloc
+/// locks, which a copy of a multithreaded process may hold forever. Returns 0 in the
+/// child, the child's pid in the parent, negative on error.
+pub fn raw_fork() -> libc::c_long {
+    // SAFETY: clone with only an exit signal behaves as fork; the caller's child must
+    // stay allocation-free until it execs or exits.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
     }
 }
 

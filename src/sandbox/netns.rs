@@ -38,6 +38,18 @@ pub fn helper_main(child_userns: &CStr, to_child: RawFd) -> ! {
 #[repr(C, align(8))]
 struct CmsgBuf([u8; 24]);
 
+/// A one-byte message with room for one fd, over the caller's buffers.
+fn one_fd_msg(iov: &mut libc::iovec, buf: &mut CmsgBuf) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; zero is the neutral value of every field.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = buf.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    msg
+}
+
 fn send_fd(sock: RawFd, fd: RawFd) -> isize {
     let mut byte = [b'n'];
     let mut iov = libc::iovec {
@@ -45,13 +57,9 @@ fn send_fd(sock: RawFd, fd: RawFd) -> isize {
         iov_len: 1,
     };
     let mut buf = CmsgBuf([0; 24]);
-    // SAFETY: msghdr and the control buffer are local and sized for one fd.
+    let msg = one_fd_msg(&mut iov, &mut buf);
+    // SAFETY: msg points at the local buffers above, sized for one fd.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = buf.0.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
@@ -74,14 +82,10 @@ pub fn join(from_helper: RawFd) -> Result<(), SetupError> {
         iov_len: 1,
     };
     let mut buf = CmsgBuf([0; 24]);
-    // SAFETY: msghdr and the control buffer are local and sized for one fd; the fd read
-    // from it is checked before use and closed after.
+    let mut msg = one_fd_msg(&mut iov, &mut buf);
+    // SAFETY: msg points at the local buffers above, sized for one fd; the fd read from
+    // it is checked before use and closed after.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = buf.0.as_mut_ptr().cast();
-        msg.msg_controllen = buf.0.len();
         let n = libc::recvmsg(from_helper, &mut msg, libc::MSG_CMSG_CLOEXEC);
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         if n != 1 || cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
