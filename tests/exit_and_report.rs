@@ -312,3 +312,89 @@ fn a_failed_setup_step_is_named_and_exits_125() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn ctrl_c_at_a_terminal_reaches_the_job_once_and_kill_is_forwarded() {
+    // A pty makes agentd the terminal's foreground process group. Ctrl-C: the kernel
+    // signals the whole group (the job included), so agentd must not forward a second
+    // copy. `kill -INT agentd`: only agentd gets it, so it forwards.
+    let env = Env::new();
+    let harness = r#"
+import os, pty, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+buf = b""
+while b"ready" not in buf:
+    buf += os.read(fd, 1024)
+os.write(fd, b"\x03")
+try:
+    while os.read(fd, 1024):
+        pass
+except OSError:
+    pass
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"#;
+    let report_path = env.path("tty.json");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            harness,
+            AGENTD,
+            "run",
+            "--report",
+            report_path.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 10",
+        ])
+        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
+        .output()
+        .unwrap();
+    env.assert_clean();
+    assert_eq!(
+        stdout(&out).trim(),
+        "130",
+        "agentd's exit status: {}",
+        stderr(&out)
+    );
+    let r = report(&report_path);
+    assert_eq!(r["exit"]["signal"], 2);
+    assert_eq!(
+        r["signals_forwarded"],
+        serde_json::json!([]),
+        "a terminal's Ctrl-C was forwarded a second time"
+    );
+
+    let report_path = env.path("kill.json");
+    let ws = env.workspace("ws", None);
+    let child = std::process::Command::new(AGENTD)
+        .args([
+            "run",
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--report",
+            report_path.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "touch ready; exec sleep 10",
+        ])
+        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
+        .spawn()
+        .unwrap();
+    while !ws.join("ready").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: signalling the agentd process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    env.assert_clean();
+    assert_eq!(code(&out), 130);
+    assert_eq!(
+        report(&report_path)["signals_forwarded"],
+        serde_json::json!([2])
+    );
+}

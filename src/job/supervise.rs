@@ -47,7 +47,10 @@ impl SignalGuard {
     }
 
     /// Next pending signal, if any.
-    pub fn next(&self) -> Option<i32> {
+    /// Next pending signal, if any, and whether the terminal sent it (the kernel's
+    /// keyboard signals go to the whole foreground process group, which the job's
+    /// processes share with agentd, so those need no forwarding).
+    pub fn next_with_origin(&self) -> Option<(i32, bool)> {
         // SAFETY: signalfd_siginfo is plain data; read fills at most its size.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let n = unsafe {
@@ -58,7 +61,12 @@ impl SignalGuard {
             )
         };
         (n == std::mem::size_of::<libc::signalfd_siginfo>() as isize)
-            .then_some(info.ssi_signo as i32)
+            .then_some((info.ssi_signo as i32, info.ssi_code == libc::SI_KERNEL))
+    }
+
+    /// Next pending signal, if any.
+    pub fn next(&self) -> Option<i32> {
+        self.next_with_origin().map(|(sig, _)| sig)
     }
 }
 
@@ -128,9 +136,12 @@ pub fn supervise(
             break;
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            while let Some(sig) = signals.next() {
-                child.signal(sig);
-                forwarded.push(sig);
+            while let Some((sig, from_terminal)) = signals.next_with_origin() {
+                // A Ctrl-C at the terminal already reached every job process.
+                if !from_terminal {
+                    child.signal(sig);
+                    forwarded.push(sig);
+                }
             }
         }
         if fds[0].revents & libc::POLLIN != 0 {

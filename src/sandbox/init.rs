@@ -44,11 +44,10 @@ pub fn run(
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
     loop {
+        // SAFETY: siginfo_t is plain data.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waiting on our own blocked set; info is written by the kernel.
-        let sig = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::sigwaitinfo(&all, &mut info)
-        };
+        let sig = unsafe { libc::sigwaitinfo(&all, &mut info) };
         if sig == libc::SIGCHLD {
             loop {
                 let mut status = 0;
@@ -63,7 +62,9 @@ pub fn run(
                     unsafe { libc::_exit(0) };
                 }
             }
-        } else if sig > 0 {
+        } else if sig > 0 && info.si_code != libc::SI_KERNEL {
+            // Forward what agentd (or anyone) sent; a terminal's keyboard signals reach
+            // the whole foreground process group, the main process included, already.
             // SAFETY: forwarding a signal number we received to our own child.
             unsafe { libc::kill(main, sig) };
         }
