@@ -12,6 +12,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(digits_end);
+    if number.is_empty() {
+        return Err(format!(
+            "expected a size like \"512M\" or \"2G\", got \"{text}\""
+        ));
+    }
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
