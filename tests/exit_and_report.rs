@@ -241,32 +241,20 @@ fn check_reports_the_host() {
 fn signals_to_agentd_reach_the_job() {
     let env = Env::new();
     let ws = env.workspace("ws", None);
-    let child = std::process::Command::new(AGENTD)
-        .args([
+    let script = "trap 'echo got TERM; exit 3' TERM; touch ready; while :; do sleep 0.05; done";
+    let child = env.start_until_ready(
+        &ws,
+        &[
             "run",
             "--workspace",
             ws.to_str().unwrap(),
             "--",
             "sh",
             "-c",
-            "trap 'echo got TERM; exit 3' TERM; touch ready; while :; do sleep 0.05; done",
-        ])
-        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !ws.join("ready").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the job never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    // SAFETY: signalling the agentd process this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    env.assert_clean();
+            script,
+        ],
+    );
+    let out = env.signal_and_wait(child, libc::SIGTERM);
     assert_eq!(stdout(&out), "got TERM\n");
     assert_eq!(code(&out), 3);
 }
@@ -370,28 +358,19 @@ print(os.waitstatus_to_exitcode(status))
 
     let report_path = env.path("kill.json");
     let ws = env.workspace("ws", None);
-    let child = std::process::Command::new(AGENTD)
-        .args([
-            "run",
-            "--workspace",
-            ws.to_str().unwrap(),
-            "--report",
-            report_path.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            "touch ready; exec sleep 10",
-        ])
-        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
-        .spawn()
-        .unwrap();
-    while !ws.join("ready").exists() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    // SAFETY: signalling the agentd process this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    env.assert_clean();
+    let args = [
+        "run",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--report",
+        report_path.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "touch ready; exec sleep 10",
+    ];
+    let child = env.start_until_ready(&ws, &args);
+    let out = env.signal_and_wait(child, libc::SIGINT);
     assert_eq!(code(&out), 130);
     assert_eq!(
         report(&report_path)["signals_forwarded"],

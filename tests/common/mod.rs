@@ -170,3 +170,35 @@ pub fn report(path: &Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("read report {}: {e}", path.display()));
     serde_json::from_str(&text).expect("report is JSON")
 }
+
+impl Env {
+    /// Starts `agentd ARGS` in the background (stdout piped) and waits until the job
+    /// has created `ready` in `workspace`, i.e. until the job itself runs.
+    pub fn start_until_ready(&self, workspace: &Path, args: &[&str]) -> std::process::Child {
+        let mut child = Command::new(AGENTD)
+            .args(args)
+            .env("AGENTD_RUNTIME_DIR", self.runtime_dir())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run agentd");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !workspace.join("ready").exists() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the job never started");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
+    }
+
+    /// Sends `signal` to a background agentd and collects its output.
+    pub fn signal_and_wait(&self, child: std::process::Child, signal: i32) -> Output {
+        // SAFETY: signalling the agentd process this test started.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().expect("wait for agentd");
+        self.assert_clean();
+        out
+    }
+}
