@@ -89,6 +89,10 @@ fn start_and_wait(
     fault: Option<&str>,
     ready: impl Fn(&Path, &str) -> bool,
 ) -> (Child, PathBuf, String) {
+    // The killed agentd's children (the job's init) are orphaned: make this test their
+    // reaper, so they are not left as zombies on the host's init.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
     let mut cmd = Command::new(AGENTD);
     cmd.args(args).env("AGENTD_RUNTIME_DIR", env.runtime_dir());
     if let Some(f) = fault {
@@ -116,11 +120,60 @@ fn start_and_wait(
     panic!("the job never got ready");
 }
 
+/// The children of `pid` (the job's init, a netns helper), read from /proc.
+fn children_of(pid: u32) -> Vec<i32> {
+    let parent = pid.to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": the ppid is the second field after the comm.
+            stat.rsplit_once(") ")
+                .and_then(|(_, tail)| tail.split(' ').nth(1))
+                == Some(parent.as_str())
+        })
+        .collect()
+}
+
+/// Reaps `orphans`, adopted by this test (a child subreaper) when their agentd died;
+/// fails if they do not die, since their parent-death signal must kill them.
+fn reap_orphans(orphans: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &pid in orphans {
+        loop {
+            // SAFETY: reaping an adopted child by its pid.
+            let r = unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            if r != 0 {
+                break; // reaped, or not ours (already gone)
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} outlived its agentd"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Kills agentd itself (no cleanup runs; its job dies by the parent-death signal), ages
 /// the job directory past the sweep's grace period, and checks the next run sweeps it.
 fn kill_then_sweep(env: &Env, mut agentd: Child, job: &Path, id: &str) {
+    let orphans = children_of(agentd.id());
     agentd.kill().unwrap();
     agentd.wait().unwrap();
+    // The job died with it (parent-death signal), before anything swept it: its cgroups
+    // are empty.
+    reap_orphans(&orphans);
+    for dir in cgroups_of(id) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        assert!(
+            procs.trim().is_empty(),
+            "the job outlived its agentd: {} holds {procs}",
+            dir.display()
+        );
+    }
     assert!(
         !cgroups_of(id).is_empty(),
         "expected the killed run's cgroups to remain until swept"
@@ -143,9 +196,17 @@ fn kill_then_sweep(env: &Env, mut agentd: Child, job: &Path, id: &str) {
 #[test]
 fn leftovers_of_a_killed_agentd_are_swept_by_the_next_run() {
     let env = Env::new();
-    let (agentd, job, id) = start_and_wait(&env, &["run", "--", "sleep", "300"], None, |dir, _| {
-        dir.join("state.json").exists()
-    });
+    // Ready once the job runs: its init and `sleep` are both in its cgroup.
+    let running = |_: &Path, id: &str| {
+        cgroups_of(id).iter().any(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+                >= 2
+        })
+    };
+    let (agentd, job, id) = start_and_wait(&env, &["run", "--", "sleep", "300"], None, running);
     kill_then_sweep(&env, agentd, &job, &id);
     let sleepers = stdout(
         &Command::new("pgrep")

@@ -313,6 +313,14 @@ fn setup(
     //    created there is owned by an id the namespace maps) its contents, then pivot.
     mounts::enter_new_root(plan)?;
     identity::become_job_user(plan.uid, plan.gid)?;
+    // The uid change cleared the parent-death signal (the kernel does that on any
+    // credential change): set it again. Had agentd died meanwhile, the next wait for the
+    // parent sees EOF.
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }.into(),
+        Step::ParentDeathSignal,
+    )?;
     mounts::populate_root(plan)?;
     fault_point(plan, Step::AfterMounts)?;
 
