@@ -5,12 +5,16 @@
 //! (validate → allocate → guards → publish → start), `cgroup` holds the job's resources,
 //! `sandbox` is the child side between clone and execve.
 
+pub mod api;
+pub mod audit;
 pub mod cgroup;
+pub mod daemon;
 pub mod error;
 pub mod host;
 pub mod job;
 pub mod mount_api;
 pub mod sandbox;
 pub mod spec;
+pub mod store;
 
 pub use error::Error;

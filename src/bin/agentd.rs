@@ -1,5 +1,5 @@
-//! agentd: run one agent job in a sandbox (`run`), or report what this host offers
-//! (`check`). The daemon (`serve`) comes with its own issue.
+//! agentd: run one agent job in a sandbox (`run`), serve many over a control API
+//! (`serve`), or report what this host offers (`check`).
 
 use agentd::job::{self, RunOptions};
 use clap::{Args, Parser, Subcommand};
@@ -28,6 +28,16 @@ enum Command {
         after_help = "Examples:\n  agentd run -- sh -c 'id; ls /; touch /etc/x'\n  agentd run --workspace \"$PWD\" --policy ci-coding-agent --report job.json -- make test"
     )]
     Run(Box<RunArgs>),
+    /// Run the supervisor daemon: jobs are submitted over a Unix socket (see agentctl),
+    /// recorded in SQLite with a hash-chained operation table, and survive a restart of
+    /// the daemon (the next one adopts them).
+    ///
+    /// Root and members of --group may use the socket; every other caller is refused
+    /// and the refusal recorded. SIGTERM stops the daemon and leaves jobs running.
+    #[command(
+        after_help = "Examples:\n  agentd serve\n  agentd serve --socket /tmp/a.sock --state-dir /tmp/agentd-state\n  agentctl --socket /tmp/a.sock run -- sh -c 'echo hi'"
+    )]
+    Serve(Box<ServeArgs>),
     /// Report what this kernel and host offer: cgroup layout and usable controllers,
     /// Landlock ABI, seccomp, userfaultfd, SCHED_DEADLINE, EEVDF slices, namespaces,
     /// overlayfs, PSI.
@@ -39,6 +49,47 @@ enum Command {
         #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
         cgroup_parent: Option<String>,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The control socket (HTTP/1.1 + JSON), mode 0660.
+    #[arg(
+        long,
+        env = "AGENTD_SOCKET",
+        default_value = "/run/agentd/agentd.sock",
+        value_name = "PATH"
+    )]
+    socket: PathBuf,
+    /// Durable state: the SQLite database (jobs, leases, operation table) and each
+    /// job's logs and status.
+    #[arg(
+        long,
+        env = "AGENTD_STATE_DIR",
+        default_value = "/var/lib/agentd",
+        value_name = "DIR"
+    )]
+    state_dir: PathBuf,
+    /// Runtime files of running jobs (their root mount points).
+    #[arg(
+        long,
+        env = "AGENTD_DAEMON_RUNTIME_DIR",
+        default_value = "/run/agentd/daemon",
+        value_name = "DIR"
+    )]
+    runtime_dir: PathBuf,
+    /// Directory of operator policies.
+    #[arg(long, env = "AGENTD_POLICY_DIR", default_value = agentd::spec::POLICY_DIR, value_name = "DIR")]
+    policy_dir: PathBuf,
+    /// Create job cgroups below this cgroup instead of next to the daemon's own.
+    #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
+    cgroup_parent: Option<String>,
+    /// Members of this group may use the socket (it is the socket's group when it exists).
+    #[arg(long, default_value = "agentd", value_name = "GROUP")]
+    group: String,
+    /// Connections served at once; more are closed at once.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_connections: usize,
 }
 
 #[derive(Args)]
@@ -61,7 +112,7 @@ struct RunArgs {
     /// Limit on processes and threads. Overrides the policy.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pids: Option<String>,
-    /// Wall-clock limit, e.g. 30s, 10m, 1h; then SIGTERM and, 5 s later, SIGKILL.
+    /// Wall-clock limit, e.g. 30s, 10m, 1h; then SIGTERM and, after the policy's lifecycle.kill_grace (default 5s), SIGKILL.
     #[arg(long, value_name = "DURATION")]
     timeout: Option<String>,
     /// Set KEY=VALUE in the job's environment, or pass KEY from agentd's. Repeatable.
@@ -136,6 +187,16 @@ fn main() {
             allow_degraded: a.allow_degraded,
             runtime_dir: a.runtime_dir,
             cgroup_parent: a.cgroup_parent,
+            policy_text: None,
+        }),
+        Command::Serve(a) => agentd::daemon::serve(agentd::daemon::ServeOptions {
+            socket: a.socket,
+            state_dir: a.state_dir,
+            runtime_dir: a.runtime_dir,
+            policy_dir: a.policy_dir,
+            cgroup_parent: a.cgroup_parent,
+            group: a.group,
+            max_connections: a.max_connections.max(1),
         }),
         Command::Check {
             json,

@@ -9,7 +9,7 @@ mod layout;
 mod v1;
 mod v2;
 
-pub use layout::{HostCgroups, Layout};
+pub use layout::{HostCgroups, Layout, join_cgroup};
 pub use v1::CgroupV1;
 pub use v2::CgroupV2;
 
@@ -32,6 +32,10 @@ pub struct Usage {
     pub peak_memory_bytes: Option<u64>,
     pub oom_kills: Option<u64>,
     pub throttled_usec: Option<u64>,
+    /// Memory in use at the time of reading (0 once the job has ended).
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads at the time of reading.
+    pub pids: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +83,7 @@ pub(crate) fn io_err<'a>(
 
 /// A job's cgroup, whatever the hierarchy. Created by [`create_job_cgroup`]; the
 /// supervisor (parent side) is the only caller of every method.
-pub trait JobCgroup {
+pub trait JobCgroup: Send + Sync {
     /// "v2", "v1" or "v1+v2" (hybrid: v1 controllers, v2 core files).
     fn version(&self) -> &'static str;
     /// A cgroup2 directory fd for clone3(CLONE_INTO_CGROUP), if there is a v2 part.
@@ -145,6 +149,22 @@ pub fn create_job_cgroup(
         Layout::Hybrid | Layout::Legacy => {
             Ok(Box::new(CgroupV1::create(host, parent, name, &limits)?))
         }
+    }
+}
+
+/// Opens an existing job cgroup from the directories `JobCgroup::dirs` listed when it
+/// was created: how a restarted daemon takes its running jobs back.
+pub fn open_job_cgroup(
+    host: &HostCgroups,
+    dirs: &[PathBuf],
+) -> Result<Box<dyn JobCgroup>, CgroupError> {
+    match (host.layout, dirs) {
+        (Layout::Unified, [dir]) => Ok(Box::new(CgroupV2::open(dir)?)),
+        (Layout::Unified, _) => Err(CgroupError::Parent(
+            format!("{dirs:?}"),
+            "a job cgroup on a cgroup v2 host is one directory".into(),
+        )),
+        _ => Ok(Box::new(CgroupV1::open(host, dirs)?)),
     }
 }
 

@@ -87,6 +87,36 @@ impl CgroupV1 {
         Ok(cg)
     }
 
+    /// Opens a job cgroup that exists already, from its directories (as `dirs()` listed
+    /// them): each belongs to the hierarchy mounted above it.
+    pub fn open(host: &HostCgroups, dirs: &[PathBuf]) -> Result<Self, CgroupError> {
+        let mut cg = CgroupV1 {
+            dirs: Vec::new(),
+            unified: None,
+            applied: Vec::new(),
+        };
+        for dir in dirs {
+            if host.v2.as_ref().is_some_and(|t| dir.starts_with(&t.mount)) {
+                cg.unified = Some(CgroupV2::open(dir)?);
+            } else if let Some(h) = host.v1.iter().find(|h| dir.starts_with(&h.mount)) {
+                if !dir.is_dir() {
+                    return Err(io_err("open", dir)(std::io::ErrorKind::NotFound.into()));
+                }
+                cg.dirs.push(V1Dir {
+                    controllers: h.controllers.clone(),
+                    dir: dir.clone(),
+                    removed: false,
+                });
+            } else {
+                return Err(CgroupError::Parent(
+                    dir.display().to_string(),
+                    "is in no cgroup hierarchy of this host".into(),
+                ));
+            }
+        }
+        Ok(cg)
+    }
+
     fn dir_of(&self, controller: &str) -> Option<&Path> {
         self.dirs
             .iter()
@@ -243,6 +273,10 @@ impl JobCgroup for CgroupV1 {
         if let Some(d) = self.dir_of("memory") {
             u.peak_memory_bytes = read_u64(&d.join("memory.max_usage_in_bytes"));
             u.oom_kills = read_keyed(&d.join("memory.oom_control"), "oom_kill");
+            u.memory_bytes = read_u64(&d.join("memory.usage_in_bytes"));
+        }
+        if let Some(d) = self.dir_of("pids") {
+            u.pids = read_u64(&d.join("pids.current"));
         }
         if let Some(unified) = &self.unified {
             unified.core_usage(&mut u);

@@ -62,6 +62,21 @@ impl CgroupV2 {
         Ok(cg)
     }
 
+    /// Opens a job cgroup that exists already (a job adopted after a daemon restart).
+    pub fn open(dir: &Path) -> Result<Self, CgroupError> {
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+            .map_err(io_err("open", dir))?;
+        Ok(CgroupV2 {
+            dir: dir.to_path_buf(),
+            fd,
+            applied: Vec::new(),
+            removed: false,
+        })
+    }
+
     /// Creates a bare directory (hybrid hosts: core files only, no controllers).
     pub fn mkdir(dir: &Path) -> Result<Self, CgroupError> {
         std::fs::create_dir(dir).map_err(io_err("create", dir))?;
@@ -166,6 +181,12 @@ impl CgroupV2 {
         usage.oom_kills = usage
             .oom_kills
             .or_else(|| read_keyed(&self.dir.join("memory.events"), "oom_kill"));
+        usage.memory_bytes = usage
+            .memory_bytes
+            .or_else(|| read_u64(&self.dir.join("memory.current")));
+        usage.pids = usage
+            .pids
+            .or_else(|| read_u64(&self.dir.join("pids.current")));
     }
 
     pub fn remove_dir(&mut self) -> Result<(), CgroupError> {

@@ -39,7 +39,7 @@ pub fn run(options: RunOptions) -> i32 {
 }
 
 /// The runtime directory of one job, locked while the job lives; removed on drop.
-struct RuntimeDir {
+pub struct RuntimeDir {
     dir: PathBuf,
     _lock: std::fs::File,
 }
@@ -67,12 +67,29 @@ impl RuntimeDir {
         Ok(rd)
     }
 
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Hands the directory to the job: it is no longer removed on drop (the daemon
+    /// removes it when the job ends, whichever daemon process sees that).
+    pub fn keep(self) -> PathBuf {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: each field is read out once and `me` is never dropped; the lock file
+        // is closed here, the path returned.
+        unsafe {
+            drop(std::ptr::read(&me._lock));
+            std::ptr::read(&me.dir)
+        }
+    }
+
     fn root(&self) -> PathBuf {
         self.dir.join("root")
     }
 
     /// Writes state.json atomically.
-    fn publish(&self, state: &serde_json::Value) -> std::io::Result<()> {
+    pub fn publish(&self, state: &serde_json::Value) -> std::io::Result<()> {
         let tmp = self.dir.join("state.json.tmp");
         std::fs::write(&tmp, state.to_string())?;
         std::fs::rename(tmp, self.dir.join("state.json"))
@@ -86,7 +103,7 @@ impl Drop for RuntimeDir {
 }
 
 /// A random 12-hex-digit job id.
-fn new_job_id() -> String {
+pub fn new_job_id() -> String {
     let mut bytes = [0u8; 6];
     // SAFETY: getrandom writes at most 6 bytes into the local buffer.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
@@ -102,12 +119,121 @@ fn new_job_id() -> String {
 }
 
 /// Test builds read AGENTD_FAULT to fail at a named pipeline step; release builds never do.
-fn injected_fault() -> Option<String> {
+pub fn injected_fault() -> Option<String> {
     if cfg!(feature = "fault-injection") {
         std::env::var("AGENTD_FAULT").ok()
     } else {
         None
     }
+}
+
+/// What the allocate step made for one job; each part is undone when dropped, until the
+/// job has started and its supervisor owns them.
+pub struct Allocated {
+    pub rundir: RuntimeDir,
+    pub cgroup: Box<dyn cgroup::JobCgroup>,
+    pub workspace_tree: Option<std::os::fd::OwnedFd>,
+    pub landlock: Option<spawn::LandlockWork>,
+}
+
+/// The job cgroup's directory name in every hierarchy.
+pub fn cgroup_name(id: &str) -> String {
+    format!("agentd-{id}")
+}
+
+/// Step 2 of the pipeline: runtime directory, cgroup with limits, the workspace's mount
+/// clone and the Landlock ruleset, for job `id` under `runtime_dir`. Shared by `agentd
+/// run` and the daemon.
+pub fn allocate(
+    plan: &mut plan::JobPlan,
+    id: &str,
+    runtime_dir: &Path,
+    step_fault: &dyn Fn(&str, &'static str) -> Result<(), Error>,
+) -> Result<Allocated, Error> {
+    let pipeline = |job: &str, step: &'static str| {
+        let job = job.to_owned();
+        move |e: std::io::Error| Error::Pipeline {
+            job,
+            step,
+            message: e.to_string(),
+        }
+    };
+    let rundir = RuntimeDir::create(runtime_dir, id)
+        .map_err(pipeline(id, "create the runtime directory"))?;
+    plan.sandbox.root = std::ffi::CString::new(rundir.root().into_os_string().into_encoded_bytes())
+        .map_err(|_| Error::Usage("the runtime directory's path contains a NUL byte".into()))?;
+    // The job may name itself in logs and requests to agentd.
+    plan.sandbox
+        .envp
+        .push(std::ffi::CString::new(format!("AGENTD_JOB_ID={id}")).expect("hex id"));
+    step_fault(id, "after-runtime-dir")?;
+    let limits = CgroupLimits {
+        cpu: plan.limits.cpu,
+        memory: plan.limits.memory,
+        pids: plan.limits.pids,
+    };
+    let cgroup = cgroup::create_job_cgroup(
+        &plan.host_cgroups,
+        plan.options.cgroup_parent.as_deref(),
+        &cgroup_name(id),
+        &limits,
+        &plan.skip_controllers,
+    )
+    .map_err(|source| Error::Cgroup {
+        job: id.to_owned(),
+        source,
+    })?;
+    step_fault(id, "after-cgroup")?;
+    // The workspace is cloned here, by root, so the job's user need not be able to reach
+    // it through the host's directories; idmapped after clone when its owner differs.
+    let workspace_tree = match &plan.workspace {
+        Some(ws) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline {
+            job: id.to_owned(),
+            step: "clone the workspace mount",
+            message: e.to_string(),
+        })?),
+        _ => None,
+    };
+    plan.sandbox.workspace_tree = workspace_tree.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    // The Landlock ruleset: created now so the child inherits it; the parent fills it
+    // while the child builds its root.
+    let landlock = if plan.landlock_abi > 0 {
+        let ruleset = landlock::create().map_err(|message| Error::Pipeline {
+            job: id.to_owned(),
+            step: "create the Landlock ruleset",
+            message,
+        })?;
+        plan.sandbox.landlock.ruleset = ruleset
+            .child_fd
+            .as_ref()
+            .map(std::os::fd::AsRawFd::as_raw_fd);
+        let mut paths: Vec<_> = plan
+            .policy
+            .filesystem
+            .iter()
+            .map(|g| (g.path.clone(), g.access))
+            .collect();
+        paths.extend(
+            plan.workspace
+                .iter()
+                .map(|w| (w.clone(), crate::spec::Access::Write)),
+        );
+        Some(spawn::LandlockWork {
+            ruleset,
+            paths,
+            tcp_bind: plan.policy.tcp_bind.clone(),
+            tcp_connect: plan.policy.tcp_connect.clone(),
+        })
+    } else {
+        None
+    };
+
+    Ok(Allocated {
+        rundir,
+        cgroup,
+        workspace_tree,
+        landlock,
+    })
 }
 
 fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
@@ -150,75 +276,14 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         eprintln!("agentd: removed job {stale}, left behind by an agentd that died");
     }
     let id = new_job_id();
-    let rundir = RuntimeDir::create(&plan.options.runtime_dir, &id)
-        .map_err(pipeline(&id, "create the runtime directory"))?;
-    plan.sandbox.root = std::ffi::CString::new(rundir.root().into_os_string().into_encoded_bytes())
-        .map_err(|_| Error::Usage("the runtime directory's path contains a NUL byte".into()))?;
-    // The job may name itself in logs and requests to agentd.
-    plan.sandbox
-        .envp
-        .push(std::ffi::CString::new(format!("AGENTD_JOB_ID={id}")).expect("hex id"));
-    step_fault(&id, "after-runtime-dir")?;
-    let limits = CgroupLimits {
-        cpu: plan.limits.cpu,
-        memory: plan.limits.memory,
-        pids: plan.limits.pids,
-    };
-    let mut cgroup = cgroup::create_job_cgroup(
-        &plan.host_cgroups,
-        plan.options.cgroup_parent.as_deref(),
-        &format!("agentd-{id}"),
-        &limits,
-        &plan.skip_controllers,
-    )
-    .map_err(|source| Error::Cgroup {
-        job: id.clone(),
-        source,
-    })?;
-    step_fault(&id, "after-cgroup")?;
-    // The workspace is cloned here, by root, so the job's user need not be able to reach
-    // it through the host's directories; idmapped after clone when its owner differs.
-    let workspace_tree = match &plan.workspace {
-        Some(ws) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline {
-            job: id.clone(),
-            step: "clone the workspace mount",
-            message: e.to_string(),
-        })?),
-        _ => None,
-    };
-    plan.sandbox.workspace_tree = workspace_tree.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-    // The Landlock ruleset: created now so the child inherits it; the parent fills it
-    // while the child builds its root.
-    let landlock = if plan.landlock_abi > 0 {
-        let ruleset = landlock::create().map_err(|message| Error::Pipeline {
-            job: id.clone(),
-            step: "create the Landlock ruleset",
-            message,
-        })?;
-        plan.sandbox.landlock.ruleset = ruleset
-            .child_fd
-            .as_ref()
-            .map(std::os::fd::AsRawFd::as_raw_fd);
-        let mut paths: Vec<_> = plan
-            .policy
-            .filesystem
-            .iter()
-            .map(|g| (g.path.clone(), g.access))
-            .collect();
-        paths.extend(
-            plan.workspace
-                .iter()
-                .map(|w| (w.clone(), crate::spec::Access::Write)),
-        );
-        Some(spawn::LandlockWork {
-            ruleset,
-            paths,
-            tcp_bind: plan.policy.tcp_bind.clone(),
-            tcp_connect: plan.policy.tcp_connect.clone(),
-        })
-    } else {
-        None
-    };
+    let runtime_dir = plan.options.runtime_dir.clone();
+    let alloc = allocate(&mut plan, &id, &runtime_dir, &step_fault)?;
+    let Allocated {
+        rundir,
+        mut cgroup,
+        workspace_tree: _workspace_tree, // open until the child has attached it
+        landlock,
+    } = alloc;
 
     // 3. guards
     let signals =
@@ -248,6 +313,7 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         &plan.ids,
         plan.workspace.as_deref(),
         landlock,
+        None,
         fault.as_deref(),
     )
     .map_err(|e| Error::Pipeline {
@@ -255,7 +321,13 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         step: "start the job",
         message: e.to_string(),
     })?;
-    let outcome = supervise::supervise(&mut child, &signals, plan.limits.timeout, started);
+    let outcome = supervise::supervise(
+        &mut child,
+        &signals,
+        plan.limits.timeout,
+        plan.policy.lifecycle.kill_grace,
+        started,
+    );
     let wall = started.elapsed();
     drop(child);
 

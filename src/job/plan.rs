@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub runtime_dir: PathBuf,
     pub cgroup_parent: Option<String>,
     pub command: Vec<String>,
+    /// An inline policy (the daemon's API), used instead of looking `policy` up.
+    pub policy_text: Option<String>,
 }
 
 /// The ids the job runs under.
@@ -102,7 +104,10 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
             ));
         }
     }
-    let mut policy = spec::load_policy(&options.policy, &options.policy_dir)?;
+    let mut policy = match &options.policy_text {
+        Some(text) => spec::parse_policy(text, "inline policy", "inline")?,
+        None => spec::load_policy(&options.policy, &options.policy_dir)?,
+    };
     if let Some(a) = &options.agent {
         policy.identity.agent = a.clone();
     }
@@ -419,6 +424,8 @@ fn build_sandbox_plan(
         argv,
         envp,
         exec_candidates,
+        die_with_parent: true,
+        output: None,
         fault: None,
     })
 }

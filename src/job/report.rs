@@ -20,12 +20,25 @@ pub enum JobExit {
 impl JobExit {
     /// How the job ended; a failed setup step is put in words from the `plan`.
     pub fn from_outcome(o: &Outcome, plan: &SandboxPlan) -> JobExit {
+        Self::from_messages(&o.messages, o.si_code, o.si_status, &|s, i| {
+            plan.describe(s, i)
+        })
+    }
+
+    /// How the job ended from what its child side reported, else from init's own wait
+    /// status; `describe` puts a failed setup step in words.
+    pub fn from_messages(
+        messages: &[ChildMessage],
+        si_code: i32,
+        si_status: i32,
+        describe: &dyn Fn(Step, usize) -> String,
+    ) -> JobExit {
         // The first message is the decisive one: a failure ends the child's account.
-        if let Some(m) = o.messages.first() {
+        if let Some(m) = messages.first() {
             match m {
                 ChildMessage::SetupFailed { step, index, errno } => {
                     let step = match Step::from_code(*step) {
-                        Some(s) => plan.describe(s, *index as usize),
+                        Some(s) => describe(s, *index as usize),
                         None => format!("setup step {step}"),
                     };
                     return JobExit::SetupFailed {
@@ -51,9 +64,9 @@ impl JobExit {
         }
         // Init ended without a word: it was killed (timeout's SIGKILL, OOM) or failed
         // before it could say why.
-        match o.si_code {
-            libc::CLD_EXITED => JobExit::Exited(o.si_status),
-            _ => JobExit::Signaled(o.si_status),
+        match si_code {
+            libc::CLD_EXITED => JobExit::Exited(si_status),
+            _ => JobExit::Signaled(si_status),
         }
     }
 

@@ -40,6 +40,21 @@ impl Child {
         };
     }
 
+    /// Gives up ownership without killing: (pid, pidfd, status channel). For the daemon,
+    /// whose jobs must outlive the object that started them.
+    pub fn into_parts(self) -> (i32, OwnedFd, File) {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: each field is read out exactly once and `me` is never dropped, so
+        // nothing is closed twice.
+        unsafe {
+            (
+                me.pid,
+                std::ptr::read(&me.pidfd),
+                std::ptr::read(&me.status),
+            )
+        }
+    }
+
     /// Waits for the child; returns (si_code, si_status).
     pub fn wait(&mut self) -> (i32, i32) {
         loop {
@@ -132,10 +147,17 @@ pub fn spawn(
     ids: &JobIds,
     workspace: Option<&Path>,
     landlock: Option<LandlockWork>,
+    status_file: Option<&Path>,
     fault: Option<&str>,
 ) -> Result<Child, SpawnError> {
     let (sync_read, sync_write) = pipe()?;
-    let (status_read, status_write) = pipe()?;
+    // The child's account (setup failure, exec failure, exit status): a pipe for `agentd
+    // run`; for the daemon a file, which outlives a daemon restart so that a job adopted
+    // by the next daemon still reports how it ended.
+    let (status_read, status_write) = match status_file {
+        None => pipe()?,
+        Some(path) => status_file_ends(path)?,
+    };
     let (net_helper_end, net_child_end) = socketpair()?;
     // Built before clone: the child may not allocate.
     let exec = ExecArrays::new(plan);
@@ -260,6 +282,20 @@ impl Drop for Helper {
             unsafe { libc::waitpid(self.0, std::ptr::null_mut(), 0) };
         }
     }
+}
+
+/// Both ends of a status file: the child appends, the parent reads.
+fn status_file_ends(path: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let write = std::fs::OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| SpawnError::Sys("create the job's status file", e))?;
+    let read = File::open(path).map_err(|e| SpawnError::Sys("open the job's status file", e))?;
+    Ok((OwnedFd::from(read), OwnedFd::from(write)))
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd), SpawnError> {

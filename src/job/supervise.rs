@@ -6,9 +6,6 @@ use crate::sandbox::handshake::{ChildMessage, read_all};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-/// Time between SIGTERM and SIGKILL when the timeout expires.
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
-
 /// Signals agentd forwards to the job instead of dying from them.
 const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
@@ -91,6 +88,7 @@ pub fn supervise(
     child: &mut Child,
     signals: &SignalGuard,
     timeout: Option<Duration>,
+    kill_grace: Duration,
     started: Instant,
 ) -> Outcome {
     let deadline = timeout.map(|t| started + t);
@@ -102,7 +100,7 @@ pub fn supervise(
         if !timed_out && deadline.is_some_and(|d| now >= d) {
             timed_out = true;
             child.signal(libc::SIGTERM);
-            kill_at = Some(now + KILL_GRACE);
+            kill_at = Some(now + kill_grace);
         }
         if kill_at.is_some_and(|k| now >= k) {
             child.signal(libc::SIGKILL);

@@ -63,8 +63,27 @@ pub struct SandboxPlan {
     /// Paths to try for the command, in order: itself if it contains '/', else each
     /// directory of the job's PATH joined with it.
     pub exec_candidates: Vec<CString>,
+    /// `agentd run`: the job dies with agentd (parent-death signal), so nothing outlives
+    /// its supervisor unobserved. The daemon leaves it off: its jobs outlive a daemon
+    /// restart and are adopted again.
+    pub die_with_parent: bool,
+    /// The daemon's jobs: stdin from /dev/null, stdout and stderr through pipes that init
+    /// copies into log files, capped. None: the job inherits agentd's stdio.
+    pub output: Option<OutputRelay>,
     /// Test builds only: the setup step to fail at.
     pub fault: Option<Step>,
+}
+
+/// Descriptors the parent opened for a job whose output goes to log files (see
+/// `init`): init holds the logs, so output is kept even while no daemon runs.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputRelay {
+    /// /dev/null, the main process's stdin.
+    pub stdin: RawFd,
+    pub stdout_log: RawFd,
+    pub stderr_log: RawFd,
+    /// Bytes kept per stream; the rest is read and dropped, and the log says so.
+    pub cap: u64,
 }
 
 /// Declares `Step` and the table that decodes its codes, from one list.
@@ -115,6 +134,7 @@ steps! {
     LandlockMissing,
     AfterLandlock,
     ForkMain,
+    OutputPipes,
     Seccomp,
 }
 
@@ -178,6 +198,7 @@ impl SandboxPlan {
                 "enforce Landlock: the kernel has none and no downgrade was asked for".into()
             }
             Step::ForkMain => "fork the job's main process".into(),
+            Step::OutputPipes => "create the output pipes and the signalfd of init".into(),
             Step::Seccomp => "install the seccomp filter".into(),
         }
     }
@@ -293,17 +314,25 @@ fn fault_point(plan: &SandboxPlan, step: Step) -> Result<(), SetupError> {
     Ok(())
 }
 
+fn set_parent_death_signal(plan: &SandboxPlan) -> Result<(), SetupError> {
+    if plan.die_with_parent {
+        // SAFETY: prctl with integer arguments.
+        check(
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }.into(),
+            Step::ParentDeathSignal,
+        )?;
+    }
+    Ok(())
+}
+
 fn setup(
     plan: &SandboxPlan,
     exec: &ExecArrays,
     pipes: &ChildPipes,
 ) -> Result<std::convert::Infallible, SetupError> {
-    // 1. If agentd dies, so does the job: nothing may outlive its supervisor unobserved.
-    // SAFETY: prctl with integer arguments.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }.into(),
-        Step::ParentDeathSignal,
-    )?;
+    // 1. If agentd run dies, so does the job: nothing may outlive its supervisor
+    //    unobserved. (The daemon's jobs outlive it; a new daemon adopts them.)
+    set_parent_death_signal(plan)?;
     // Handshake step 2: one byte means the parent has written our id maps; EOF means
     // it gave up, and we must not run anything.
     wait_for_parent(pipes.sync_read);
@@ -316,11 +345,7 @@ fn setup(
     // The uid change cleared the parent-death signal (the kernel does that on any
     // credential change): set it again. Had agentd died meanwhile, the next wait for the
     // parent sees EOF.
-    // SAFETY: prctl with integer arguments.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }.into(),
-        Step::ParentDeathSignal,
-    )?;
+    set_parent_death_signal(plan)?;
     mounts::populate_root(plan)?;
     fault_point(plan, Step::AfterMounts)?;
 

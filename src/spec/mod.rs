@@ -108,6 +108,33 @@ pub struct Policy {
     pub hostname: String,
     /// The lowest Landlock ABI this policy is willing to run under.
     pub landlock_abi: u32,
+    pub lifecycle: Lifecycle,
+}
+
+/// How the daemon may keep and stop a job of this policy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Lifecycle {
+    /// Whether a job may outlive its client (`agentctl run --detach`, `agentctl detach`).
+    pub durable: bool,
+    /// Time between SIGTERM and killing the whole cgroup when a job is cancelled.
+    #[serde(serialize_with = "ser_duration")]
+    pub kill_grace: Duration,
+    /// Bytes of stdout and of stderr the daemon keeps per job.
+    pub log_cap: u64,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            durable: false,
+            kill_grace: Duration::from_secs(5),
+            log_cap: 16 << 20,
+        }
+    }
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 // ---- raw TOML shape -------------------------------------------------------------------
@@ -131,6 +158,16 @@ struct RawPolicy {
     env: RawEnv,
     #[serde(default)]
     sandbox: RawSandbox,
+    #[serde(default)]
+    lifecycle: RawLifecycle,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLifecycle {
+    durable: Option<bool>,
+    kill_grace: Option<Spanned<UnitValue>>,
+    log_cap: Option<Spanned<UnitValue>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -393,6 +430,35 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         );
     }
 
+    let mut lifecycle = Lifecycle::default();
+    if let Some(d) = raw.lifecycle.durable {
+        lifecycle.durable = d;
+    }
+    if let Some(t) = &raw.lifecycle.kill_grace {
+        let d = match t.get_ref() {
+            UnitValue::Int(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
+            UnitValue::Int(n) => Err(format!("{n} is negative")),
+            UnitValue::Text(s) => parse_duration(s),
+        };
+        lifecycle.kill_grace = d
+            .and_then(|d| {
+                if d > Duration::from_secs(3600) {
+                    Err("a grace period over 1h would let a cancelled job run on".into())
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|m| err(Some(t.span()), "lifecycle.kill_grace", m))?;
+    }
+    if let Some(c) = &raw.lifecycle.log_cap {
+        let bytes = match c.get_ref() {
+            UnitValue::Int(n) if *n >= 0 => Ok(*n as u64),
+            UnitValue::Int(n) => Err(format!("{n} is negative")),
+            UnitValue::Text(t) => parse_size(t),
+        };
+        lifecycle.log_cap = bytes.map_err(|m| err(Some(c.span()), "lifecycle.log_cap", m))?;
+    }
+
     let id = |key: &str, v: &Option<Spanned<IdChoice>>| -> Result<Option<u32>, SpecError> {
         match v {
             None => Ok(None),
@@ -479,6 +545,7 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         env_set,
         hostname,
         landlock_abi,
+        lifecycle,
     })
 }
 

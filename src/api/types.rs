@@ -1,0 +1,285 @@
+//! Every request and response body of the control API, shared by `agentd serve` and
+//! `agentctl`. README ("Control API") documents them; keep the two in step.
+//!
+//! Conventions: JSON bodies; unknown fields in a request are an error (400); times are
+//! milliseconds since the Unix epoch (`*_ms`); durations are strings like "30s", "5m";
+//! every error is `{"error": "..."}` with a 4xx or 5xx status.
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::audit::{OperationRow, Requester, VerifyReport};
+
+/// Largest request body the daemon reads (bytes); larger bodies get 413.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// POST /v1/jobs
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The command and its arguments (required, non-empty).
+    pub command: Vec<String>,
+    /// A policy name (the daemon's policy dir, then built in); default "default".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// An inline policy (TOML text) instead of a name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_toml: Option<String>,
+    /// Absolute path of the job's writable workspace (its working directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// KEY=VALUE to set in the job's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Run under this lease (the caller's): the job is cancelled when the lease ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Start durable (outlives its client). Needs a policy with `lifecycle.durable = true`.
+    /// Without `lease` and without `durable` a job is refused: it would have no owner.
+    #[serde(default)]
+    pub durable: bool,
+    /// Kernel features the job may run without (as `agentd run --allow-degraded`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_degraded: Vec<String>,
+}
+
+/// A job's lifecycle state. Transitions (one place: `daemon::lifecycle`):
+/// submitted → admitted → running ⇄ frozen → exited | killed | failed | lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Submitted,
+    Admitted,
+    Running,
+    Frozen,
+    Exited,
+    Killed,
+    Failed,
+    Lost,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 8] = [
+        JobState::Submitted,
+        JobState::Admitted,
+        JobState::Running,
+        JobState::Frozen,
+        JobState::Exited,
+        JobState::Killed,
+        JobState::Failed,
+        JobState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Submitted => "submitted",
+            JobState::Admitted => "admitted",
+            JobState::Running => "running",
+            JobState::Frozen => "frozen",
+            JobState::Exited => "exited",
+            JobState::Killed => "killed",
+            JobState::Failed => "failed",
+            JobState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// No further transition is possible.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Exited | JobState::Killed | JobState::Failed | JobState::Lost
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a job ended, in `agentd run`'s exit-status convention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// The job's exit status; 128+N if killed by signal N; 125–127 as for `agentd run`.
+    pub code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// One line: what happened ("exited with status 0", "killed by SIGKILL", ...).
+    pub message: String,
+}
+
+/// What the job's cgroup accounts, now (running) or at the end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled_usec: Option<u64>,
+}
+
+/// GET /v1/jobs/{id}, and the element of GET /v1/jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: String,
+    pub state: JobState,
+    pub command: Vec<String>,
+    pub policy: String,
+    pub policy_hash: String,
+    pub agent: String,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// The lease the job is bound to; none for a durable job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    pub durable: bool,
+    pub requester: Requester,
+    pub submitted_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+    /// The job's init in the host's pid namespace, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+    /// Why the job is in its state, where that is not obvious (failed, killed, lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageInfo>,
+    /// Once ended: the same JSON report `agentd run --report` writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
+}
+
+/// POST /v1/jobs/{id}/kill
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillRequest {
+    /// Signal name ("TERM", "SIGINT") or number; default TERM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// Time between the signal and killing the whole cgroup; default the policy's
+    /// `lifecycle.kill_grace`. "0s" kills at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
+}
+
+/// POST /v1/leases
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// Time to live, e.g. "30s"; renew before it passes.
+    pub ttl: String,
+}
+
+/// POST /v1/leases/{id}/renew
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// A new time to live; default the lease's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseState {
+    Active,
+    Released,
+    Expired,
+}
+
+impl LeaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Active => "active",
+            LeaseState::Released => "released",
+            LeaseState::Expired => "expired",
+        }
+    }
+}
+
+/// A lease: scoped authority that the jobs started under it live within.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub id: String,
+    pub owner_uid: u32,
+    pub state: LeaseState,
+    pub ttl_ms: u64,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// Jobs started under it that have not ended.
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+/// The typed lifecycle events of GET /v1/events (JSON lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    Submitted,
+    Admitted,
+    Started,
+    Frozen,
+    Thawed,
+    Exited,
+    Killed,
+    Failed,
+    Lost,
+    Adopted,
+    Detached,
+    Denied,
+    LeaseTaken,
+    LeaseRenewed,
+    LeaseReleased,
+    LeaseExpired,
+    /// Sent to a follower that fell behind: `detail` says how many events it missed.
+    Lagged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    pub detail: String,
+}
+
+/// Every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,347 @@
+//! agentctl: the command-line client of `agentd serve`. It speaks the control API
+//! (HTTP/1.1 + JSON over the daemon's Unix socket, see `agentd::api`) and prints tables
+//! for people or, with --json, the daemon's JSON for programs.
+//!
+//! Exit status: 0 when the request succeeded; for `run` and `wait` the job's own exit
+//! status (125 if it ended without one: failed or lost); 125 when agentctl itself failed
+//! (cannot connect, the daemon refused, bad usage), with one line "agentctl: ..." on stderr.
+
+mod commands;
+mod output;
+mod run;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use agentd::api::client::{Client, ClientError, DEFAULT_SOCKET};
+use clap::{Parser, Subcommand};
+
+use run::RunArgs;
+
+/// agentctl's own failure: printed as "agentctl: MESSAGE", exit status 125.
+#[derive(Debug)]
+pub struct Fail(pub String);
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Fail {
+        Fail(e.to_string())
+    }
+}
+
+impl From<String> for Fail {
+    fn from(s: String) -> Fail {
+        Fail(s)
+    }
+}
+
+/// The exit status of agentctl's own failures (as agentd's refusals).
+pub const EXIT_FAILURE: i32 = 125;
+
+const EXAMPLES: &str = "\
+Examples:
+  agentctl run -- sh -c 'echo hello'             run attached, exit with the job's status
+  agentctl run --workspace . --policy ci -- make test
+  agentctl run --detach -- ./long-task           durable job, prints its id
+  agentctl ps --all
+  agentctl logs -f JOB
+  agentctl kill --signal INT --grace 5s JOB
+  agentctl events -f --kind started,exited
+  agentctl audit --verify
+  LEASE=$(agentctl lease take --ttl 5m); agentctl run --lease \"$LEASE\" --detach -- ./task
+
+Environment:
+  AGENTD_SOCKET   the daemon's socket (as --socket)";
+
+#[derive(Parser)]
+#[command(
+    name = "agentctl",
+    version,
+    about = "Control agentd: submit, watch and steer agent jobs",
+    long_about = "Control agentd: submit, watch and steer agent jobs.\n\n\
+        agentctl talks to `agentd serve` over its Unix socket. Exit status: 0 on success; \
+        for `run` and `wait` the job's own status (125 if it failed to start or was lost); \
+        125 when agentctl fails (cannot connect, the daemon refused, bad usage).",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "AGENTD_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    /// Machine output: the daemon's JSON (one document per command, JSON lines for
+    /// streams). `run --json` prints the final job as one line after its output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a job and, unless --detach, stay attached: stream its stdout and stderr,
+    /// forward SIGINT/SIGTERM/SIGHUP to it, and exit with its status.
+    ///
+    /// Attached without --lease, agentctl takes a 30 s lease, renews it every 10 s and
+    /// releases it at the end: if agentctl dies, the job is cancelled when the lease
+    /// expires. With --lease the job runs under that lease, which the caller renews and
+    /// releases. --detach starts a durable job (or one under --lease) and prints its id.
+    #[command(after_help = "Examples:\n  \
+        agentctl run -- sh -c 'id; ls /'\n  \
+        agentctl run --workspace \"$PWD\" --policy ci-coding-agent --memory 2G -- make test\n  \
+        agentctl run --policy-file ./my.toml --env API_BASE=http://10.0.0.1 --env HOME -- ./agent\n  \
+        agentctl run --detach --timeout 2h -- ./nightly")]
+    Run(Box<RunArgs>),
+    /// List jobs: ID STATE AGE POLICY AGENT LEASE COMMAND (jobs that have not ended, or
+    /// all with --all).
+    Ps {
+        /// Also list jobs that have ended.
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Show everything the daemon knows about a job (--json adds its report).
+    Inspect { job: String },
+    /// Print a job's output (its stdout, or --stderr); -f follows it until the job ends.
+    #[command(after_help = "Examples:\n  agentctl logs JOB\n  agentctl logs -f --stderr JOB")]
+    Logs {
+        job: String,
+        /// Keep printing new output until the job has ended.
+        #[arg(short, long)]
+        follow: bool,
+        /// Print the job's stderr instead of its stdout (to agentctl's stdout).
+        #[arg(long)]
+        stderr: bool,
+    },
+    /// Signal a job; after the grace time the daemon kills its whole cgroup.
+    Kill {
+        job: String,
+        /// Signal name or number (TERM, INT, KILL, HUP, 9, ...); default TERM.
+        #[arg(short, long, value_parser = output::parse_signal, value_name = "SIG")]
+        signal: Option<String>,
+        /// Time between the signal and killing the cgroup, e.g. 5s; "0s" kills at once.
+        /// Default: the policy's lifecycle.kill_grace.
+        #[arg(long, value_parser = check_duration, value_name = "DURATION")]
+        grace: Option<String>,
+    },
+    /// Freeze a job: all its processes stop (cgroup freezer) until `thaw`.
+    Freeze { job: String },
+    /// Thaw a frozen job.
+    Thaw { job: String },
+    /// Wait until a job ends and exit with its status (125 if it failed or was lost).
+    Wait { job: String },
+    /// Make a job durable: it no longer depends on its lease and outlives its client.
+    Detach { job: String },
+    /// Print lifecycle events, one line each: TIME SEQ KIND JOB DETAIL.
+    #[command(
+        after_help = "Kinds: submitted admitted started frozen thawed exited killed failed lost adopted\n\
+        detached denied lease-taken lease-renewed lease-released lease-expired lagged\n\n\
+        Examples:\n  agentctl events -f --job JOB\n  agentctl events --kind exited,failed --since 100"
+    )]
+    Events {
+        /// Keep printing events as they happen (never ends by itself).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this job's events.
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// Only these kinds, comma-separated.
+        #[arg(long, value_name = "KIND,...")]
+        kind: Option<String>,
+        /// Only events after this sequence number.
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
+    /// Print the operation table (SEQ TIME UID ACTION TARGET AUTHORITY), or check its
+    /// hash chain with --verify (exit 1 if it is broken).
+    Audit {
+        /// Check the hash chain: "audit: N rows, chain intact, head HASH" (exit 0) or
+        /// "audit: row N: PROBLEM" (exit 1).
+        #[arg(long, conflicts_with = "since")]
+        verify: bool,
+        /// Only rows after this sequence number.
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
+    /// Take, renew, release and list leases: scoped authority that the jobs started under
+    /// it live within.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Print the daemon's Prometheus metrics.
+    Metrics,
+    /// Check that the daemon answers: prints its version and pid.
+    Health,
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// Take a lease and print its id (--json: the lease). Renew it before the TTL passes.
+    Take {
+        /// Time to live, e.g. 30s, 5m.
+        #[arg(long, value_parser = check_duration, value_name = "DURATION")]
+        ttl: String,
+    },
+    /// Renew a lease: it expires TTL from now (default its own TTL).
+    Renew {
+        id: String,
+        /// A new time to live.
+        #[arg(long, value_parser = check_duration, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Release a lease: the jobs still running under it are cancelled.
+    Release { id: String },
+    /// List leases: ID STATE EXPIRES-IN JOBS.
+    Ls,
+}
+
+/// Checks a duration flag with the daemon's own parser and keeps the text as given.
+fn check_duration(text: &str) -> Result<String, String> {
+    agentd::spec::parse_duration(text).map(|_| text.to_string())
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            let informational =
+                matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+            // Usage errors are agentctl failing: 125, like its other failures.
+            std::process::exit(if informational { 0 } else { EXIT_FAILURE });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentctl: cannot start the async runtime: {e}");
+            std::process::exit(EXIT_FAILURE);
+        }
+    };
+    let client = Client::new(cli.socket);
+    let code = match rt.block_on(dispatch(&client, cli.command, cli.json)) {
+        Ok(code) => code,
+        Err(Fail(message)) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("agentctl: {message}");
+            EXIT_FAILURE
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, Fail> {
+    use commands as c;
+    match command {
+        Command::Run(args) => run::run(client, *args, json).await,
+        Command::Ps { all } => c::ps(client, all, json).await,
+        Command::Inspect { job } => c::inspect(client, &job, json).await,
+        Command::Logs {
+            job,
+            follow,
+            stderr,
+        } => c::logs(client, &job, follow, stderr).await,
+        Command::Kill { job, signal, grace } => c::kill(client, &job, signal, grace, json).await,
+        Command::Freeze { job } => c::job_action(client, &job, "freeze", json).await,
+        Command::Thaw { job } => c::job_action(client, &job, "thaw", json).await,
+        Command::Detach { job } => c::job_action(client, &job, "detach", json).await,
+        Command::Wait { job } => c::wait(client, &job, json).await,
+        Command::Events {
+            follow,
+            job,
+            kind,
+            since,
+        } => c::events(client, follow, job, kind, since, json).await,
+        Command::Audit { verify, since } => c::audit(client, verify, since, json).await,
+        Command::Lease(l) => match l {
+            LeaseCommand::Take { ttl } => c::lease_take(client, ttl, json).await,
+            LeaseCommand::Renew { id, ttl } => c::lease_renew(client, &id, ttl, json).await,
+            LeaseCommand::Release { id } => c::lease_release(client, &id, json).await,
+            LeaseCommand::Ls => c::lease_ls(client, json).await,
+        },
+        Command::Metrics => c::metrics(client).await,
+        Command::Health => c::health(client, json).await,
+    }
+}
+
+/// Writes `text` to stdout. A closed stdout (`agentctl events -f | head`) ends agentctl
+/// quietly with status 0; other write errors are failures.
+pub fn emit(text: &str) -> Result<(), Fail> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Fail(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// Prints `value` as one line of JSON.
+pub fn emit_json<T: serde::Serialize>(value: &T) -> Result<(), Fail> {
+    let text =
+        serde_json::to_string(value).map_err(|e| Fail(format!("cannot encode JSON: {e}")))?;
+    emit(&format!("{text}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_the_command_after_its_flags() {
+        let cli = Cli::try_parse_from([
+            "agentctl", "--json", "run", "--env", "A=1", "--detach", "--", "sh", "-c", "echo hi",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        match cli.command {
+            Command::Run(a) => {
+                assert!(a.detach);
+                assert_eq!(a.env, ["A=1"]);
+                assert_eq!(a.command, ["sh", "-c", "echo hi"]);
+            }
+            _ => panic!("not run"),
+        }
+        // Flags of the job's command are not agentctl's, even without "--".
+        let cli = Cli::try_parse_from(["agentctl", "run", "ls", "-l", "--json"]).unwrap();
+        match cli.command {
+            Command::Run(a) => assert_eq!(a.command, ["ls", "-l", "--json"]),
+            _ => panic!("not run"),
+        }
+        assert!(!cli.json);
+    }
+
+    #[test]
+    fn flags_are_checked() {
+        assert!(Cli::try_parse_from(["agentctl", "kill", "--signal", "FOO", "j"]).is_err());
+        assert!(Cli::try_parse_from(["agentctl", "kill", "--grace", "soon", "j"]).is_err());
+        assert!(Cli::try_parse_from(["agentctl", "lease", "take", "--ttl", "5y"]).is_err());
+        assert!(Cli::try_parse_from(["agentctl", "lease", "take"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "agentctl",
+                "run",
+                "--policy",
+                "a",
+                "--policy-file",
+                "b",
+                "--",
+                "x"
+            ])
+            .is_err()
+        );
+        match Cli::try_parse_from(["agentctl", "kill", "-s", "sigint", "j"])
+            .unwrap()
+            .command
+        {
+            Command::Kill { signal, .. } => assert_eq!(signal.as_deref(), Some("INT")),
+            _ => panic!("not kill"),
+        }
+    }
+}

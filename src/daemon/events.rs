@@ -1,0 +1,128 @@
+//! The daemon's event stream: typed lifecycle events with a sequence number, kept in a
+//! bounded ring for late readers and broadcast to followers. A follower that falls
+//! behind is told how many events it missed, never blocks the daemon.
+
+use crate::api::types::{Event, EventKind};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use tokio::sync::broadcast;
+
+/// Events kept for readers that ask for history (`since`).
+const RING: usize = 4096;
+
+pub struct EventBus {
+    inner: Mutex<Ring>,
+    tx: broadcast::Sender<Event>,
+}
+
+struct Ring {
+    next_seq: u64,
+    events: VecDeque<Event>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventBus {
+    pub fn new() -> EventBus {
+        EventBus {
+            inner: Mutex::new(Ring {
+                next_seq: 1,
+                events: VecDeque::with_capacity(RING),
+            }),
+            tx: broadcast::channel(1024).0,
+        }
+    }
+
+    /// Records and broadcasts one event. Costs a lock and a clone when nobody listens.
+    pub fn emit(&self, kind: EventKind, job: Option<&str>, lease: Option<&str>, detail: String) {
+        let mut ring = self.inner.lock().expect("event ring lock");
+        let event = Event {
+            seq: ring.next_seq,
+            time_ms: super::now_ms(),
+            kind,
+            job: job.map(str::to_owned),
+            lease: lease.map(str::to_owned),
+            detail,
+        };
+        ring.next_seq += 1;
+        if ring.events.len() == RING {
+            ring.events.pop_front();
+        }
+        ring.events.push_back(event.clone());
+        // Sent under the lock so followers see events in seq order.
+        let _ = self.tx.send(event);
+    }
+
+    /// Events after `since` still in the ring, and a receiver for the ones to come
+    /// (subscribed under the same lock, so nothing falls between the two).
+    pub fn subscribe(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        let ring = self.inner.lock().expect("event ring lock");
+        let past = ring
+            .events
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect();
+        (past, self.tx.subscribe())
+    }
+}
+
+/// A follower's filter: by job and by kinds.
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub job: Option<String>,
+    pub kinds: Vec<EventKind>,
+}
+
+impl EventFilter {
+    pub fn matches(&self, e: &Event) -> bool {
+        if e.kind == EventKind::Lagged {
+            return true;
+        }
+        if let Some(job) = &self.job
+            && e.job.as_deref() != Some(job.as_str())
+        {
+            return false;
+        }
+        self.kinds.is_empty() || self.kinds.contains(&e.kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_and_live_events_meet_without_a_gap() {
+        let bus = EventBus::new();
+        bus.emit(EventKind::Submitted, Some("a"), None, String::new());
+        bus.emit(EventKind::Started, Some("a"), None, String::new());
+        let (past, mut rx) = bus.subscribe(1);
+        assert_eq!(past.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
+        bus.emit(EventKind::Exited, Some("a"), None, String::new());
+        assert_eq!(rx.try_recv().unwrap().seq, 3);
+    }
+
+    #[test]
+    fn filter_by_job_and_kind() {
+        let f = EventFilter {
+            job: Some("a".into()),
+            kinds: vec![EventKind::Exited],
+        };
+        let e = |kind, job: &str| Event {
+            seq: 1,
+            time_ms: 0,
+            kind,
+            job: Some(job.into()),
+            lease: None,
+            detail: String::new(),
+        };
+        assert!(f.matches(&e(EventKind::Exited, "a")));
+        assert!(!f.matches(&e(EventKind::Started, "a")));
+        assert!(!f.matches(&e(EventKind::Exited, "b")));
+    }
+}

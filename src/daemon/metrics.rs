@@ -1,0 +1,193 @@
+//! GET /metrics in the Prometheus text format: jobs by state, spawn latency, operations
+//! written, denials by rule, and per-job CPU, memory and pids read from the cgroups at
+//! scrape time. (Formatted by hand: the format is a few lines of text, and the daemon
+//! holds the values already.)
+
+use super::Daemon;
+use crate::api::types::JobState;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the spawn-latency histogram, in seconds.
+const BUCKETS: [f64; 10] = [
+    0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.025, 0.050, 0.100, 0.500,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    spawn_buckets: [AtomicU64; BUCKETS.len()],
+    spawn_count: AtomicU64,
+    spawn_sum_us: AtomicU64,
+    spawn_failures: AtomicU64,
+    operations: AtomicU64,
+    ended: Mutex<BTreeMap<&'static str, u64>>,
+    denials: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    pub fn spawned(&self, latency: Duration) {
+        let s = latency.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.spawn_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.spawn_count.fetch_add(1, Ordering::Relaxed);
+        self.spawn_sum_us
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn spawn_failed(&self) {
+        self.spawn_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn operations_written(&self, n: u64) {
+        self.operations.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn ended(&self, state: JobState) {
+        *self
+            .ended
+            .lock()
+            .expect("metrics lock")
+            .entry(state.as_str())
+            .or_default() += 1;
+    }
+
+    pub fn denied(&self, rule: &str) {
+        *self
+            .denials
+            .lock()
+            .expect("metrics lock")
+            .entry(rule.to_owned())
+            .or_default() += 1;
+    }
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The whole exposition.
+pub fn render(d: &Daemon) -> String {
+    let m = &d.metrics;
+    let mut out = String::new();
+    let (by_state, running) = {
+        let jobs = d.jobs.lock().expect("jobs lock");
+        let mut by_state: BTreeMap<&str, u64> =
+            JobState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut running = Vec::new();
+        for e in jobs.values() {
+            *by_state.entry(e.info.state.as_str()).or_default() += 1;
+            if let Some(cg) = &e.cgroup {
+                running.push((e.info.id.clone(), e.info.agent.clone(), cg.clone()));
+            }
+        }
+        (by_state, running)
+    };
+    let _ = writeln!(out, "# HELP agentd_jobs Jobs this daemon knows, by state.");
+    let _ = writeln!(out, "# TYPE agentd_jobs gauge");
+    for (s, n) in &by_state {
+        let _ = writeln!(out, "agentd_jobs{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP agentd_jobs_ended_total Jobs that ended under this daemon process, by final state."
+    );
+    let _ = writeln!(out, "# TYPE agentd_jobs_ended_total counter");
+    for (s, n) in m.ended.lock().expect("metrics lock").iter() {
+        let _ = writeln!(out, "agentd_jobs_ended_total{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP agentd_spawn_seconds Time from a submit request to the job running (validate, record, allocate, spawn)."
+    );
+    let _ = writeln!(out, "# TYPE agentd_spawn_seconds histogram");
+    for (i, b) in BUCKETS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "agentd_spawn_seconds_bucket{{le=\"{b}\"}} {}",
+            m.spawn_buckets[i].load(Ordering::Relaxed)
+        );
+    }
+    let count = m.spawn_count.load(Ordering::Relaxed);
+    let _ = writeln!(out, "agentd_spawn_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(
+        out,
+        "agentd_spawn_seconds_sum {}",
+        m.spawn_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(out, "agentd_spawn_seconds_count {count}");
+    let _ = writeln!(
+        out,
+        "# HELP agentd_spawn_failures_total Jobs whose creation pipeline failed."
+    );
+    let _ = writeln!(out, "# TYPE agentd_spawn_failures_total counter");
+    let _ = writeln!(
+        out,
+        "agentd_spawn_failures_total {}",
+        m.spawn_failures.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP agentd_operations_written_total Operation rows this daemon process wrote."
+    );
+    let _ = writeln!(out, "# TYPE agentd_operations_written_total counter");
+    let _ = writeln!(
+        out,
+        "agentd_operations_written_total {}",
+        m.operations.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP agentd_denials_total Refused requests, by the rule that refused them."
+    );
+    let _ = writeln!(out, "# TYPE agentd_denials_total counter");
+    for (rule, n) in m.denials.lock().expect("metrics lock").iter() {
+        let _ = writeln!(out, "agentd_denials_total{{rule=\"{}\"}} {n}", label(rule));
+    }
+    let mut cpu = String::new();
+    let mut mem = String::new();
+    let mut pids = String::new();
+    for (id, agent, cg) in running {
+        let u = cg.lock().expect("cgroup lock").usage();
+        let l = format!("job=\"{}\",agent=\"{}\"", label(&id), label(&agent));
+        if let Some(v) = u.cpu_usec {
+            let _ = writeln!(
+                cpu,
+                "agentd_job_cpu_seconds_total{{{l}}} {}",
+                v as f64 / 1e6
+            );
+        }
+        if let Some(v) = u.memory_bytes {
+            let _ = writeln!(mem, "agentd_job_memory_bytes{{{l}}} {v}");
+        }
+        if let Some(v) = u.pids {
+            let _ = writeln!(pids, "agentd_job_pids{{{l}}} {v}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP agentd_job_cpu_seconds_total CPU time of a running job's cgroup."
+    );
+    let _ = writeln!(out, "# TYPE agentd_job_cpu_seconds_total counter");
+    out.push_str(&cpu);
+    let _ = writeln!(
+        out,
+        "# HELP agentd_job_memory_bytes Memory in use by a running job's cgroup."
+    );
+    let _ = writeln!(out, "# TYPE agentd_job_memory_bytes gauge");
+    out.push_str(&mem);
+    let _ = writeln!(
+        out,
+        "# HELP agentd_job_pids Processes and threads in a running job's cgroup."
+    );
+    let _ = writeln!(out, "# TYPE agentd_job_pids gauge");
+    out.push_str(&pids);
+    out
+}

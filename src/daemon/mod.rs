@@ -1,0 +1,301 @@
+//! `agentd serve`: one daemon that runs many jobs, each through the same pipeline and
+//! sandbox as `agentd run`, with a control API on a Unix socket, durable state in
+//! SQLite and a hash-chained operation table.
+//!
+//! Start-up, in order: refuse without root → logging (journald under systemd, stderr
+//! otherwise) → open the store → place the daemon in its own leaf cgroup (v2) so job
+//! cgroups can be its siblings → adopt the jobs a previous daemon left running → bind
+//! the socket → READY=1 → serve. A SIGTERM stops the daemon and leaves jobs running:
+//! the next daemon adopts them.
+
+pub mod events;
+pub mod jobs;
+pub mod leases;
+pub mod lifecycle;
+pub mod metrics;
+pub mod recovery;
+pub mod systemd;
+mod watch;
+
+use crate::api::types::{JobInfo, LeaseInfo};
+use crate::audit::{NewOperation, Requester};
+use crate::cgroup::{HostCgroups, JobCgroup};
+use crate::store::{JobRecord, Store, WriteBatch};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Notify, watch as watch_ch};
+
+/// What `agentd serve` was told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub policy_dir: PathBuf,
+    pub cgroup_parent: Option<String>,
+    /// The group whose members may use the API (besides root).
+    pub group: String,
+    pub max_connections: usize,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// What the daemon must remember about a job to adopt it after a restart; stored with
+/// the job, opaque to the store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobRuntime {
+    /// The job's runtime directory (its root's mount point, its lock).
+    pub rundir: String,
+    /// The job's state directory: stdout, stderr, status.
+    pub jobdir: String,
+    /// Start time of the job's init (field 22 of /proc/PID/stat), so a recycled pid is
+    /// never mistaken for the job.
+    #[serde(default)]
+    pub pid_start_ticks: Option<u64>,
+    #[serde(default)]
+    pub cgroup_dirs: Vec<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    pub kill_grace_ms: u64,
+    /// The policy lets the job be durable.
+    pub policy_durable: bool,
+    /// A cancellation in progress: why, and when the whole cgroup is killed.
+    #[serde(default)]
+    pub cancel_reason: Option<String>,
+    #[serde(default)]
+    pub kill_at_ms: Option<u64>,
+    /// The job's report as of its start; the end fills in exit, wall time and usage.
+    #[serde(default)]
+    pub report: Option<serde_json::Value>,
+}
+
+/// One job as the daemon holds it.
+pub struct JobEntry {
+    pub info: JobInfo,
+    pub runtime: JobRuntime,
+    pub cgroup: Option<Arc<Mutex<Box<dyn JobCgroup>>>>,
+    /// The job's init, while it runs.
+    pub pidfd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// Current state, for waiters.
+    pub state_tx: watch_ch::Sender<crate::api::types::JobState>,
+    /// Wakes the job's watcher when a cancellation changed its timers.
+    pub wake: Arc<Notify>,
+    /// Serializes this job's change-then-commit sequences, so the store always ends with
+    /// the latest state and operation rows follow the job's own order.
+    pub order: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl JobEntry {
+    pub fn new(info: JobInfo, runtime: JobRuntime) -> JobEntry {
+        JobEntry {
+            state_tx: watch_ch::channel(info.state).0,
+            info,
+            runtime,
+            cgroup: None,
+            pidfd: None,
+            wake: Arc::new(Notify::new()),
+            order: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    pub fn record(&self) -> JobRecord {
+        JobRecord {
+            info: self.info.clone(),
+            runtime: serde_json::to_value(&self.runtime).expect("runtime serializes"),
+        }
+    }
+}
+
+/// The daemon's shared state.
+pub struct Daemon {
+    pub opts: ServeOptions,
+    pub store: Store,
+    pub events: events::EventBus,
+    pub metrics: metrics::Metrics,
+    pub host_cgroups: HostCgroups,
+    /// Every job this daemon knows (loaded at start, then submitted).
+    pub jobs: Mutex<HashMap<String, JobEntry>>,
+    pub leases: Mutex<HashMap<String, LeaseInfo>>,
+    /// The gid of `opts.group`, when that group exists.
+    pub group_gid: Option<u32>,
+}
+
+impl Daemon {
+    /// Writes a batch through the store's group commit.
+    pub async fn commit(&self, batch: WriteBatch) -> Result<(), crate::store::StoreError> {
+        let n = batch.ops.len() as u64;
+        self.store.commit(batch).await?;
+        self.metrics.operations_written(n);
+        Ok(())
+    }
+
+    /// Records one operation with nothing else.
+    pub async fn record_op(&self, op: NewOperation) {
+        let action = op.action.clone();
+        if let Err(e) = self
+            .commit(WriteBatch {
+                ops: vec![op],
+                ..Default::default()
+            })
+            .await
+        {
+            tracing::error!("cannot record the operation {action}: {e}");
+        }
+    }
+}
+
+/// An operation by the daemon itself (timeouts, lease expiry, adoption).
+pub fn daemon_op(
+    action: &str,
+    target: &str,
+    authority: impl Into<String>,
+    change: serde_json::Value,
+    rollback: impl Into<String>,
+) -> NewOperation {
+    NewOperation {
+        requester: Requester::daemon(),
+        action: action.into(),
+        target: Some(target.into()),
+        authority: authority.into(),
+        change,
+        rollback: rollback.into(),
+    }
+}
+
+/// Formats a duration the way policies write them.
+pub fn human_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns the process exit status.
+pub fn serve(opts: ServeOptions) -> i32 {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "agentd: serve needs root: it creates job cgroups, namespaces and idmapped mounts"
+        );
+        return 125;
+    }
+    systemd::init_logging();
+    systemd::raise_fd_limit();
+    let host_cgroups = match HostCgroups::detect() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot read the host's cgroups: {e}");
+            return 125;
+        }
+    };
+    // Before any thread exists: the daemon moves into a leaf of its cgroup so that job
+    // cgroups can be siblings (cgroup v2 allows no processes in a cgroup whose children
+    // get controllers).
+    let mut opts = opts;
+    match systemd::enter_leaf_cgroup(&host_cgroups, opts.cgroup_parent.as_deref()) {
+        Ok(Some(parent)) => {
+            tracing::info!("job cgroups go below {parent}");
+            opts.cgroup_parent = Some(parent);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!("{e}");
+            return 125;
+        }
+    }
+    let host_cgroups = HostCgroups::detect().unwrap_or(host_cgroups);
+    let store = match Store::open(&opts.state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 125;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .thread_name("agentd")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return 125;
+        }
+    };
+    let group_gid = nix::unistd::Group::from_name(&opts.group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    let daemon = Arc::new(Daemon {
+        opts,
+        store,
+        events: events::EventBus::new(),
+        metrics: metrics::Metrics::default(),
+        host_cgroups,
+        jobs: Mutex::new(HashMap::new()),
+        leases: Mutex::new(HashMap::new()),
+        group_gid,
+    });
+    let code = runtime.block_on(async move {
+        if let Err(e) = recovery::recover(&daemon).await {
+            tracing::error!("cannot recover the state of the last run: {e}");
+            return 125;
+        }
+        let listener = match crate::api::server::bind(&daemon) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return 125;
+            }
+        };
+        tokio::spawn(leases::expiry_loop(daemon.clone()));
+        systemd::notify_ready();
+        tokio::spawn(systemd::watchdog_loop());
+        tracing::info!(
+            "agentd serve: listening on {} (state in {})",
+            daemon.opts.socket.display(),
+            daemon.opts.state_dir.display()
+        );
+        let server = tokio::spawn(crate::api::server::serve(daemon.clone(), listener));
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+        tokio::select! {
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+            _ = async { match int.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+            r = server => {
+                if let Ok(Err(e)) = r { tracing::error!("the API server stopped: {e}"); return 125; }
+            }
+        }
+        systemd::notify_stopping();
+        let running = daemon
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .filter(|j| !j.info.state.is_terminal())
+            .count();
+        tracing::info!(
+            "agentd serve: stopping; {running} job(s) keep running and are adopted by the next agentd serve"
+        );
+        let _ = std::fs::remove_file(&daemon.opts.socket);
+        0
+    });
+    // Leave without running destructors: running jobs' cgroups and runtime directories
+    // belong to the jobs now, not to this process.
+    std::process::exit(code)
+}
