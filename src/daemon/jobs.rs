@@ -257,7 +257,16 @@ pub async fn submit(
     };
     let order = entry.order.clone();
     let _ordered = order.lock().await;
-    d.jobs.lock().expect("jobs lock").insert(id.clone(), entry);
+    {
+        // The lease again, in one step with the insert: a lease that ended since the
+        // first check (validation takes a while) would not find this job among its own
+        // and never cancel it.
+        let leases = d.leases.lock().expect("leases lock");
+        if let Some(lease) = &req.lease {
+            super::leases::check_usable_in(&leases, lease, &requester)?;
+        }
+        d.jobs.lock().expect("jobs lock").insert(id.clone(), entry);
+    }
     if let Err(e) = d.commit(batch).await {
         d.jobs.lock().expect("jobs lock").remove(&id);
         return Err(ApiError::internal(format!(
@@ -328,6 +337,10 @@ struct Spawned {
 /// signal, runtime directory handed to the job).
 fn spawn_blocking_job(d: &Daemon, id: &str, mut plan: JobPlan) -> Result<Spawned, String> {
     let fault = job::injected_fault();
+    // The child's own steps too (test builds only), as for `agentd run`.
+    plan.sandbox.fault = fault
+        .as_deref()
+        .and_then(crate::sandbox::Step::from_fault_name);
     let step_fault = |job: &str, step: &'static str| -> Result<(), crate::Error> {
         if fault.as_deref() == Some(step) {
             return Err(crate::Error::Pipeline {
@@ -523,7 +536,6 @@ async fn start(d: &Arc<Daemon>, id: &str, plan: JobPlan, t0: Instant) -> Result<
                     signal: None,
                     message: reason.clone(),
                 });
-                e.state_tx.send_replace(JobState::Failed);
                 (e.info.clone(), e.record())
             };
             let op = daemon_op(
@@ -540,8 +552,13 @@ async fn start(d: &Arc<Daemon>, id: &str, plan: JobPlan, t0: Instant) -> Result<
                     ..Default::default()
                 })
                 .await;
+            d.metrics.ended(JobState::Failed);
             d.events
                 .emit(EventKind::Failed, Some(id), info.lease.as_deref(), reason);
+            // Waiters hear of it once it is recorded and announced (as in watch::finish).
+            if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {
+                e.state_tx.send_replace(JobState::Failed);
+            }
             Ok(info)
         }
     }
@@ -797,6 +814,9 @@ pub async fn detach(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
         .clone();
     let _ordered = order.lock().await;
     let outcome = {
+        // Leases, then jobs: a lease that ends marks itself under its lock before it lists
+        // the jobs to cancel, so a job either leaves it before that or finds it ended.
+        let leases = d.leases.lock().expect("leases lock");
         let mut jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs.get_mut(id).ok_or_else(|| no_such_job(id))?;
         if e.info.state.is_terminal() {
@@ -807,6 +827,15 @@ pub async fn detach(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
         }
         if e.info.durable {
             return Ok(e.info.clone());
+        }
+        if let Some(l) = e.info.lease.as_deref().and_then(|l| leases.get(l))
+            && l.state != crate::api::types::LeaseState::Active
+        {
+            return Err(ApiError::conflict(format!(
+                "job {id} belongs to lease {}, which is {}: the job is being cancelled",
+                l.id,
+                l.state.as_str()
+            )));
         }
         if !e.runtime.policy_durable {
             Err(format!(

@@ -7,6 +7,7 @@ use super::{Daemon, now_ms};
 use crate::api::types::{EventKind, LeaseInfo, LeaseState};
 use crate::audit::{NewOperation, Requester};
 use crate::store::WriteBatch;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,7 +58,17 @@ pub fn list(d: &Daemon) -> Vec<LeaseInfo> {
 
 /// A job may be started under `id` only by its owner (or root) while it is active.
 pub fn check_usable(d: &Daemon, id: &str, requester: &Requester) -> Result<(), ApiError> {
-    let leases = d.leases.lock().expect("leases lock");
+    check_usable_in(&d.leases.lock().expect("leases lock"), id, requester)
+}
+
+/// `check_usable` on the leases table the caller holds locked: a lease ends by marking
+/// itself under that lock and only then lists its jobs, so whatever the caller does to
+/// the jobs table before letting go is seen by the lease's end.
+pub fn check_usable_in(
+    leases: &HashMap<String, LeaseInfo>,
+    id: &str,
+    requester: &Requester,
+) -> Result<(), ApiError> {
     let l = leases
         .get(id)
         .ok_or_else(|| ApiError::not_found(format!("no lease {id}")))?;

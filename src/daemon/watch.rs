@@ -222,7 +222,6 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         }
         e.cgroup = None;
         e.pidfd = None;
-        e.state_tx.send_replace(state);
         (e.info.clone(), e.record())
     };
     let exit_text = info
@@ -260,5 +259,10 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
     d.metrics.ended(info.state);
     d.events
         .emit(kind, Some(id), info.lease.as_deref(), exit_text.clone());
+    // Waiters hear of the end only now: once it is on disk, counted and announced, so
+    // whoever `wait` answers finds the job.exit row and the event already there.
+    if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {
+        e.state_tx.send_replace(info.state);
+    }
     tracing::info!("job {id}: {} ({exit_text})", info.state);
 }

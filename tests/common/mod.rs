@@ -2,6 +2,8 @@
 //! on the real kernel and assert from inside the job.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

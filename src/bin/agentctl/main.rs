@@ -40,7 +40,7 @@ pub const EXIT_FAILURE: i32 = 125;
 const EXAMPLES: &str = "\
 Examples:
   agentctl run -- sh -c 'echo hello'             run attached, exit with the job's status
-  agentctl run --workspace . --policy ci -- make test
+  agentctl run --workspace . --policy ci-coding-agent -- make test
   agentctl run --detach -- ./long-task           durable job, prints its id
   agentctl ps --all
   agentctl logs -f JOB
