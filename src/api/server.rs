@@ -316,7 +316,7 @@ async fn health(State(d): State<Arc<Daemon>>) -> axum::Json<serde_json::Value> {
 
 async fn submit(State(d): State<Arc<Daemon>>, req: Request) -> Result<Response, ApiError> {
     let (who, body) = json_body::<SubmitRequest>(req).await?;
-    let info = jobs::submit(&d, body, who).await?;
+    let info = crate::daemon::submit::submit(&d, body, who).await?;
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 

@@ -38,6 +38,9 @@ enum Command {
         after_help = "Examples:\n  agentd serve\n  agentd serve --socket /tmp/a.sock --state-dir /tmp/agentd-state\n  agentctl --socket /tmp/a.sock run -- sh -c 'echo hi'"
     )]
     Serve(Box<ServeArgs>),
+    /// Internal: a spawner process of `agentd serve` (its socket is stdin).
+    #[command(name = "__spawner", hide = true)]
+    Spawner,
     /// Report what this kernel and host offer: cgroup layout and usable controllers,
     /// Landlock ABI, seccomp, userfaultfd, SCHED_DEADLINE, EEVDF slices, namespaces,
     /// overlayfs, PSI.
@@ -85,11 +88,25 @@ struct ServeArgs {
     #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
     cgroup_parent: Option<String>,
     /// Members of this group may use the socket (it is the socket's group when it exists).
-    #[arg(long, default_value = "agentd", value_name = "GROUP")]
+    #[arg(
+        long,
+        env = "AGENTD_GROUP",
+        default_value = "agentd",
+        value_name = "GROUP"
+    )]
     group: String,
     /// Connections served at once; more are closed at once.
-    #[arg(long, default_value_t = 1024, value_name = "N")]
+    #[arg(
+        long,
+        env = "AGENTD_MAX_CONNECTIONS",
+        default_value_t = 1024,
+        value_name = "N"
+    )]
     max_connections: usize,
+    /// Spawner processes: small processes jobs are cloned from, so a job never copies
+    /// the daemon's memory; this many jobs can be starting at once.
+    #[arg(long, env = "AGENTD_SPAWNERS", default_value_t = 4, value_name = "N")]
+    spawners: usize,
 }
 
 #[derive(Args)]
@@ -197,7 +214,9 @@ fn main() {
             cgroup_parent: a.cgroup_parent,
             group: a.group,
             max_connections: a.max_connections.max(1),
+            spawners: a.spawners.clamp(1, 64),
         }),
+        Command::Spawner => agentd::daemon::spawner::spawner_main(),
         Command::Check {
             json,
             cgroup_parent,

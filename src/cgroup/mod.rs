@@ -106,6 +106,9 @@ pub trait JobCgroup: Send + Sync {
     fn dirs(&self) -> Vec<PathBuf>;
     /// Removes the cgroup directories; kills stragglers first. Idempotent.
     fn remove(&mut self) -> Result<(), CgroupError>;
+    /// The cgroup outlives this handle (another process manages it now): dropping the
+    /// handle closes its descriptors and leaves the cgroup and its tasks alone.
+    fn disown(&mut self);
 }
 
 /// Which controllers a job needs, given its limits: cpu, memory and pids only when a

@@ -27,6 +27,8 @@ pub struct CgroupV1 {
     /// The cgroup2 part on hybrid hosts.
     unified: Option<CgroupV2>,
     applied: Vec<(String, String)>,
+    /// See `JobCgroup::disown`.
+    disowned: bool,
 }
 
 /// Hierarchies a job gets a directory in: the ones its limits need, memory always (peak
@@ -63,6 +65,7 @@ impl CgroupV1 {
             dirs: Vec::new(),
             unified: None,
             applied: Vec::new(),
+            disowned: false,
         };
         // Build step by step; on any error `cg` drops and removes what exists so far.
         for h in &host.v1 {
@@ -94,6 +97,7 @@ impl CgroupV1 {
             dirs: Vec::new(),
             unified: None,
             applied: Vec::new(),
+            disowned: false,
         };
         for dir in dirs {
             if host.v2.as_ref().is_some_and(|t| dir.starts_with(&t.mount)) {
@@ -206,6 +210,10 @@ impl CgroupV1 {
 }
 
 impl JobCgroup for CgroupV1 {
+    fn disown(&mut self) {
+        self.disown_all();
+    }
+
     fn version(&self) -> &'static str {
         if self.unified.is_some() {
             "v1+v2"
@@ -295,6 +303,9 @@ impl JobCgroup for CgroupV1 {
     }
 
     fn remove(&mut self) -> Result<(), CgroupError> {
+        if self.disowned {
+            return Ok(());
+        }
         if self.populated() {
             let _ = self.kill();
         }
@@ -311,6 +322,15 @@ impl JobCgroup for CgroupV1 {
             first_error = first_error.or(Some(e));
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl CgroupV1 {
+    fn disown_all(&mut self) {
+        self.disowned = true;
+        if let Some(u) = &mut self.unified {
+            u.disown();
+        }
     }
 }
 

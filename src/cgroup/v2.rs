@@ -23,6 +23,8 @@ pub struct CgroupV2 {
     fd: File,
     applied: Vec<(String, String)>,
     removed: bool,
+    /// See `JobCgroup::disown`.
+    disowned: bool,
 }
 
 pub(super) fn usable_controllers(host: &HostCgroups, parent: Option<&str>) -> Vec<String> {
@@ -74,6 +76,7 @@ impl CgroupV2 {
             fd,
             applied: Vec::new(),
             removed: false,
+            disowned: false,
         })
     }
 
@@ -96,6 +99,7 @@ impl CgroupV2 {
             fd,
             applied: Vec::new(),
             removed: false,
+            disowned: false,
         })
     }
 
@@ -190,7 +194,7 @@ impl CgroupV2 {
     }
 
     pub fn remove_dir(&mut self) -> Result<(), CgroupError> {
-        if self.removed {
+        if self.removed || self.disowned {
             return Ok(());
         }
         if self.is_populated() {
@@ -271,6 +275,10 @@ impl JobCgroup for CgroupV2 {
     }
     fn remove(&mut self) -> Result<(), CgroupError> {
         self.remove_dir()
+    }
+
+    fn disown(&mut self) {
+        self.disowned = true;
     }
 }
 

@@ -1,20 +1,17 @@
-//! Jobs over the API: submit (validate → record → allocate → spawn, the same pipeline
-//! as `agentd run`), cancel, freeze, thaw, detach, wait. Every state change goes through
-//! `lifecycle::check`, is written to the store with its operation row in one
-//! transaction, and is announced as an event.
+//! Jobs over the API once they exist: inspect, list, cancel, freeze, thaw, detach,
+//! wait (creation is `submit`). Every state change goes through `lifecycle::check`, is
+//! written to the store with its operation row in one transaction, and is announced as
+//! an event. Reading is open to every caller the socket admits; changing a job is for
+//! root and for the user who submitted it.
 
-use super::{Daemon, JobEntry, JobRuntime, daemon_op, human_duration, lifecycle, now_ms};
-use crate::api::types::{
-    EventKind, ExitInfo, JobInfo, JobState, KillRequest, SubmitRequest, UsageInfo,
-};
+use super::{Daemon, human_duration, lifecycle, now_ms};
+use crate::api::types::{EventKind, JobInfo, JobState, KillRequest, UsageInfo};
 use crate::audit::{NewOperation, Requester};
-use crate::job::{self, RunOptions, plan::JobPlan, report, spawn};
-use crate::sandbox::OutputRelay;
 use crate::store::WriteBatch;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// An API error: the HTTP status and the message the caller sees verbatim.
 #[derive(Debug, Clone)]
@@ -61,9 +58,17 @@ pub fn inspect(d: &Daemon, id: &str) -> Result<JobInfo, ApiError> {
     if let Some(cg) = cgroup {
         info.usage = Some(usage_info(&cg.lock().expect("cgroup lock").usage()));
     }
+    // An ended job's report lives in the store only (see `watch::finish`).
+    if info.state.is_terminal()
+        && info.report.is_none()
+        && let Ok(Some(record)) = d.store.job(id)
+    {
+        info.report = record.info.report;
+    }
     Ok(info)
 }
 
+/// Every job, without reports (`inspect` has those).
 pub fn list(d: &Daemon) -> Vec<JobInfo> {
     let jobs = d.jobs.lock().expect("jobs lock");
     let mut all: Vec<JobInfo> = jobs.values().map(|e| e.info.clone()).collect();
@@ -91,6 +96,35 @@ pub fn who(r: &Requester) -> String {
     }
 }
 
+/// Changing a job is for root and for the user who submitted it; anyone else is
+/// refused, and the refusal recorded.
+pub async fn check_owner(
+    d: &Daemon,
+    id: &str,
+    requester: &Requester,
+    action: &str,
+) -> Result<(), ApiError> {
+    if requester.uid == 0 {
+        return Ok(());
+    }
+    let owner = d
+        .jobs
+        .lock()
+        .expect("jobs lock")
+        .get(id)
+        .ok_or_else(|| no_such_job(id))?
+        .info
+        .requester
+        .uid;
+    if owner == requester.uid {
+        return Ok(());
+    }
+    let why =
+        format!("job {id} was submitted by uid {owner}; only that user or root may change it");
+    deny(d, requester, action, Some(id), "job ownership", &why).await;
+    Err(ApiError::forbidden(why))
+}
+
 /// Records a refused request: an operation row, a `denied` event, the metric.
 pub async fn deny(
     d: &Daemon,
@@ -116,452 +150,6 @@ pub async fn deny(
         rollback: "nothing changed".into(),
     })
     .await;
-}
-
-/// POST /v1/jobs
-pub async fn submit(
-    d: &Arc<Daemon>,
-    req: SubmitRequest,
-    requester: Requester,
-) -> Result<JobInfo, ApiError> {
-    let t0 = Instant::now();
-    if req.command.is_empty() {
-        return Err(ApiError::bad_request(
-            "command: expected the command and its arguments, a non-empty list",
-        ));
-    }
-    if req.policy.is_some() && req.policy_toml.is_some() {
-        return Err(ApiError::bad_request(
-            "policy and policy_toml: give a policy name or an inline policy, not both",
-        ));
-    }
-    if let Some(ws) = &req.workspace {
-        check_workspace(d, &requester, ws).await?;
-    }
-    // Ownership: a job belongs to a lease or is durable; nothing runs unowned.
-    if let Some(lease) = &req.lease {
-        super::leases::check_usable(d, lease, &requester)?;
-    } else if !req.durable {
-        return Err(ApiError::bad_request(
-            "a job needs an owner: start it under a lease (\"lease\": ID; agentctl run takes one) or ask for a durable job (\"durable\": true)",
-        ));
-    }
-    let options = RunOptions {
-        policy: req.policy.clone().unwrap_or_else(|| "default".into()),
-        policy_dir: d.opts.policy_dir.clone(),
-        workspace: req.workspace.as_ref().map(PathBuf::from),
-        cpu: req.cpu.clone(),
-        memory: req.memory.clone(),
-        pids: req.pids.clone(),
-        timeout: req.timeout.clone(),
-        env: req.env.clone(),
-        agent: req.agent.clone(),
-        model: req.model.clone(),
-        report: None,
-        allow_degraded: req.allow_degraded.clone(),
-        runtime_dir: d.opts.runtime_dir.clone(),
-        cgroup_parent: d.opts.cgroup_parent.clone(),
-        command: req.command.clone(),
-        policy_text: req.policy_toml.clone(),
-    };
-    let plan = match tokio::task::spawn_blocking(move || job::plan::validate(options)).await {
-        Ok(Ok(plan)) => plan,
-        Ok(Err(e)) => {
-            let (status, rule) = match &e {
-                crate::Error::Refused { .. } => (422, "host features"),
-                _ => (400, "policy validation"),
-            };
-            let message = e.to_string();
-            deny(d, &requester, "job.submit", None, rule, &message).await;
-            return Err(ApiError::new(status, message));
-        }
-        Err(e) => return Err(ApiError::internal(format!("validation panicked: {e}"))),
-    };
-    let policy = &plan.policy;
-    if req.durable && req.lease.is_none() && !policy.lifecycle.durable {
-        let why = format!(
-            "policy {} does not grant durable jobs (lifecycle.durable = false); run it under a lease",
-            policy.name
-        );
-        deny(d, &requester, "job.submit", None, "lifecycle.durable", &why).await;
-        return Err(ApiError::forbidden(why));
-    }
-
-    // Published: the job exists from here on, in the store and in the table.
-    let id = job::new_job_id();
-    let mut requester = requester;
-    requester.agent = None;
-    let info = JobInfo {
-        id: id.clone(),
-        state: JobState::Admitted,
-        command: req.command.clone(),
-        policy: policy.name.clone(),
-        policy_hash: policy.sha256.clone(),
-        agent: policy.identity.agent.clone(),
-        model: policy.identity.model.clone(),
-        workspace: req.workspace.clone(),
-        lease: req.lease.clone(),
-        durable: req.lease.is_none(),
-        requester: requester.clone(),
-        submitted_ms: now_ms(),
-        started_ms: None,
-        ended_ms: None,
-        pid: None,
-        cgroup: Vec::new(),
-        exit: None,
-        reason: None,
-        usage: None,
-        report: None,
-    };
-    let runtime = JobRuntime {
-        kill_grace_ms: policy.lifecycle.kill_grace.as_millis() as u64,
-        policy_durable: policy.lifecycle.durable,
-        timeout_ms: plan.limits.timeout.map(|t| t.as_millis() as u64),
-        ..Default::default()
-    };
-    let entry = JobEntry::new(info.clone(), runtime);
-    let owner = match &req.lease {
-        Some(l) => format!("lease {l}"),
-        None => format!("durable (policy {}: lifecycle.durable = true)", policy.name),
-    };
-    let batch = WriteBatch {
-        jobs: vec![entry.record()],
-        ops: vec![
-            NewOperation {
-                requester: requester.clone(),
-                action: "job.submit".into(),
-                target: Some(id.clone()),
-                authority: format!(
-                    "{} may submit ({}); policy {} ({}) validated; owner: {owner}",
-                    who(&requester),
-                    super::super::api::server::access_rule(d, &requester),
-                    policy.name,
-                    &policy.sha256[..12]
-                ),
-                change: serde_json::json!({
-                    "job": id, "state": {"before": null, "after": "submitted"},
-                    "command": req.command, "policy": policy.name, "lease": req.lease,
-                    "workspace": req.workspace,
-                }),
-                rollback: format!("agentctl kill {id}"),
-            },
-            daemon_op(
-                "job.admit",
-                &id,
-                "no scheduling class limits admission: admitted at once",
-                serde_json::json!({"job": id, "state": {"before": "submitted", "after": "admitted"}}),
-                format!("agentctl kill {id}"),
-            ),
-        ],
-        ..Default::default()
-    };
-    let order = entry.order.clone();
-    let _ordered = order.lock().await;
-    {
-        // The lease again, in one step with the insert: a lease that ended since the
-        // first check (validation takes a while) would not find this job among its own
-        // and never cancel it.
-        let leases = d.leases.lock().expect("leases lock");
-        if let Some(lease) = &req.lease {
-            super::leases::check_usable_in(&leases, lease, &requester)?;
-        }
-        d.jobs.lock().expect("jobs lock").insert(id.clone(), entry);
-    }
-    if let Err(e) = d.commit(batch).await {
-        d.jobs.lock().expect("jobs lock").remove(&id);
-        return Err(ApiError::internal(format!(
-            "cannot record the job; nothing was started: {e}"
-        )));
-    }
-    d.events.emit(
-        EventKind::Submitted,
-        Some(&id),
-        req.lease.as_deref(),
-        String::new(),
-    );
-    d.events.emit(
-        EventKind::Admitted,
-        Some(&id),
-        req.lease.as_deref(),
-        String::new(),
-    );
-    drop(_ordered);
-    start(d, &id, plan, t0).await
-}
-
-/// A group member (not root) may only hand a job a workspace it owns itself.
-async fn check_workspace(d: &Daemon, requester: &Requester, ws: &str) -> Result<(), ApiError> {
-    use std::os::unix::fs::MetadataExt;
-    if !Path::new(ws).is_absolute() {
-        return Err(ApiError::bad_request(format!(
-            "workspace: expected an absolute path, got \"{ws}\""
-        )));
-    }
-    if requester.uid == 0 {
-        return Ok(());
-    }
-    match std::fs::metadata(ws) {
-        Ok(m) if m.uid() == requester.uid => Ok(()),
-        Ok(m) => {
-            let why = format!(
-                "workspace {ws} belongs to uid {}, not to the requester (uid {})",
-                m.uid(),
-                requester.uid
-            );
-            deny(
-                d,
-                requester,
-                "job.submit",
-                None,
-                "workspace ownership",
-                &why,
-            )
-            .await;
-            Err(ApiError::forbidden(why))
-        }
-        Err(e) => Err(ApiError::bad_request(format!("workspace {ws}: {e}"))),
-    }
-}
-
-/// What spawning produced, handed from the blocking spawn to the async side.
-struct Spawned {
-    pid: i32,
-    pidfd: OwnedFd,
-    cgroup: Box<dyn crate::cgroup::JobCgroup>,
-    runtime: JobRuntime,
-    plan: Box<JobPlan>,
-}
-
-/// Allocate and spawn, on a blocking thread: the same steps as `agentd run`, with the
-/// daemon's differences (output to capped logs, status in a file, no parent-death
-/// signal, runtime directory handed to the job).
-fn spawn_blocking_job(d: &Daemon, id: &str, mut plan: JobPlan) -> Result<Spawned, String> {
-    let fault = job::injected_fault();
-    // The child's own steps too (test builds only), as for `agentd run`.
-    plan.sandbox.fault = fault
-        .as_deref()
-        .and_then(crate::sandbox::Step::from_fault_name);
-    let step_fault = |job: &str, step: &'static str| -> Result<(), crate::Error> {
-        if fault.as_deref() == Some(step) {
-            return Err(crate::Error::Pipeline {
-                job: job.into(),
-                step,
-                message: "injected fault".into(),
-            });
-        }
-        Ok(())
-    };
-    let alloc = job::allocate(&mut plan, id, &d.opts.runtime_dir, &step_fault)
-        .map_err(|e| e.to_string())?;
-    let jobdir = d.opts.state_dir.join("jobs").join(id);
-    create_private_dir(&jobdir).map_err(|e| format!("create {}: {e}", jobdir.display()))?;
-    let log = |name: &str| -> Result<std::fs::File, String> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = jobdir.join(name);
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| format!("create {}: {e}", path.display()))
-    };
-    let (stdout, stderr) = (log("stdout")?, log("stderr")?);
-    let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-    plan.sandbox.die_with_parent = false;
-    plan.sandbox.output = Some(OutputRelay {
-        stdin: devnull.as_raw_fd(),
-        stdout_log: stdout.as_raw_fd(),
-        stderr_log: stderr.as_raw_fd(),
-        cap: plan.policy.lifecycle.log_cap,
-    });
-    let status_path = jobdir.join("status");
-    let started_at = std::time::SystemTime::now();
-    let child = spawn::spawn(
-        &plan.sandbox,
-        alloc.cgroup.as_ref(),
-        &plan.ids,
-        plan.workspace.as_deref(),
-        alloc.landlock,
-        Some(&status_path),
-        fault.as_deref(),
-    )
-    .map_err(|e| format!("start the job: {e}"))?;
-    let (pid, pidfd, _status) = child.into_parts();
-    drop(alloc.workspace_tree);
-    let cgroup_report = report::CgroupReport {
-        version: alloc.cgroup.version().into(),
-        dirs: alloc
-            .cgroup
-            .dirs()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
-        limits_applied: alloc.cgroup.applied().into_iter().collect(),
-    };
-    let placeholder_exit = report::JobExit::Exited(0);
-    let placeholder = job::supervise::Outcome {
-        si_code: 0,
-        si_status: 0,
-        messages: Vec::new(),
-        timed_out: false,
-        forwarded: Vec::new(),
-    };
-    let report = report::JobReport::new(
-        &plan,
-        report::RunFacts {
-            job_id: id,
-            started_at,
-            wall: Duration::ZERO,
-            exit: &placeholder_exit,
-            outcome: &placeholder,
-            usage: Default::default(),
-            cgroup: cgroup_report,
-        },
-    );
-    let runtime = JobRuntime {
-        rundir: alloc.rundir.keep().display().to_string(),
-        jobdir: jobdir.display().to_string(),
-        pid_start_ticks: super::recovery::start_ticks(pid),
-        cgroup_dirs: alloc
-            .cgroup
-            .dirs()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
-        timeout_ms: plan.limits.timeout.map(|t| t.as_millis() as u64),
-        kill_grace_ms: plan.policy.lifecycle.kill_grace.as_millis() as u64,
-        policy_durable: plan.policy.lifecycle.durable,
-        cancel_reason: None,
-        kill_at_ms: None,
-        report: serde_json::to_value(&report).ok(),
-    };
-    Ok(Spawned {
-        pid,
-        pidfd,
-        cgroup: alloc.cgroup,
-        runtime,
-        plan: Box::new(plan),
-    })
-}
-
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-/// Start an admitted job; answers with its info (running, or failed with the reason).
-async fn start(d: &Arc<Daemon>, id: &str, plan: JobPlan, t0: Instant) -> Result<JobInfo, ApiError> {
-    let order = d.jobs.lock().expect("jobs lock")[id].order.clone();
-    let _ordered = order.lock().await;
-    let d2 = d.clone();
-    let id2 = id.to_owned();
-    let spawned = tokio::task::spawn_blocking(move || spawn_blocking_job(&d2, &id2, plan))
-        .await
-        .unwrap_or_else(|e| Err(format!("the spawn thread failed: {e}")));
-    match spawned {
-        Ok(s) => {
-            let latency = t0.elapsed();
-            d.metrics.spawned(latency);
-            let pidfd = Arc::new(s.pidfd);
-            let (info, record, cancel) = {
-                let mut jobs = d.jobs.lock().expect("jobs lock");
-                let e = jobs.get_mut(id).expect("job entry exists while starting");
-                let cancel = e.runtime.cancel_reason.clone();
-                let mut runtime = s.runtime;
-                runtime.cancel_reason = cancel.clone();
-                runtime.kill_at_ms = e.runtime.kill_at_ms;
-                e.runtime = runtime;
-                e.info.state = JobState::Running;
-                e.info.pid = Some(s.pid);
-                e.info.started_ms = Some(now_ms());
-                e.info.cgroup = e.runtime.cgroup_dirs.clone();
-                e.cgroup = Some(Arc::new(Mutex::new(s.cgroup)));
-                e.pidfd = Some(pidfd.clone());
-                e.state_tx.send_replace(JobState::Running);
-                (e.info.clone(), e.record(), cancel)
-            };
-            let op = daemon_op(
-                "job.start",
-                id,
-                "admitted job; the pipeline allocated its cgroup and sandbox",
-                serde_json::json!({"job": id, "state": {"before": "admitted", "after": "running"},
-                    "pid": s.pid, "cgroup": info.cgroup, "spawn_ms": latency.as_secs_f64() * 1e3}),
-                format!("agentctl kill {id}"),
-            );
-            if let Err(e) = d
-                .commit(WriteBatch {
-                    jobs: vec![record],
-                    ops: vec![op],
-                    ..Default::default()
-                })
-                .await
-            {
-                tracing::error!("job {id}: cannot record its start: {e}");
-            }
-            d.events.emit(
-                EventKind::Started,
-                Some(id),
-                info.lease.as_deref(),
-                format!("pid {}", s.pid),
-            );
-            tokio::spawn(super::watch::watch(
-                d.clone(),
-                id.to_owned(),
-                pidfd,
-                true,
-                Some(s.plan),
-            ));
-            if cancel.is_some() {
-                // Cancelled while it was being created (its lease ended): go on now.
-                if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {
-                    e.wake.notify_one();
-                }
-            }
-            Ok(info)
-        }
-        Err(reason) => {
-            d.metrics.spawn_failed();
-            let (info, record) = {
-                let mut jobs = d.jobs.lock().expect("jobs lock");
-                let e = jobs.get_mut(id).expect("job entry exists while starting");
-                e.info.state = JobState::Failed;
-                e.info.reason = Some(reason.clone());
-                e.info.ended_ms = Some(now_ms());
-                e.info.exit = Some(ExitInfo {
-                    code: 125,
-                    signal: None,
-                    message: reason.clone(),
-                });
-                (e.info.clone(), e.record())
-            };
-            let op = daemon_op(
-                "job.fail",
-                id,
-                "the creation pipeline failed; everything it made was removed",
-                serde_json::json!({"job": id, "state": {"before": "admitted", "after": "failed"}, "reason": reason}),
-                "nothing to undo: nothing remains of the job",
-            );
-            let _ = d
-                .commit(WriteBatch {
-                    jobs: vec![record],
-                    ops: vec![op],
-                    ..Default::default()
-                })
-                .await;
-            d.metrics.ended(JobState::Failed);
-            d.events
-                .emit(EventKind::Failed, Some(id), info.lease.as_deref(), reason);
-            // Waiters hear of it once it is recorded and announced (as in watch::finish).
-            if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {
-                e.state_tx.send_replace(JobState::Failed);
-            }
-            Ok(info)
-        }
-    }
 }
 
 /// Parses a signal given as a name ("TERM", "SIGINT") or a number.
@@ -616,6 +204,7 @@ pub async fn kill(
     req: KillRequest,
     requester: Requester,
 ) -> Result<JobInfo, ApiError> {
+    check_owner(d, id, &requester, "job.kill").await?;
     let signal = parse_signal(req.signal.as_deref().unwrap_or("TERM"))
         .map_err(|m| ApiError::bad_request(format!("signal: {m}")))?;
     let grace = match &req.grace {
@@ -727,6 +316,8 @@ pub async fn set_frozen(
     freeze: bool,
     requester: Requester,
 ) -> Result<JobInfo, ApiError> {
+    let action = if freeze { "job.freeze" } else { "job.thaw" };
+    check_owner(d, id, &requester, action).await?;
     let (from, to) = if freeze {
         (JobState::Running, JobState::Frozen)
     } else {
@@ -804,6 +395,7 @@ pub async fn set_frozen(
 /// POST /v1/jobs/{id}/detach: the job leaves its lease and becomes durable, if its
 /// policy grants that.
 pub async fn detach(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<JobInfo, ApiError> {
+    check_owner(d, id, &requester, "job.detach").await?;
     let order = d
         .jobs
         .lock()

@@ -232,7 +232,9 @@ async fn end(
         Some(id),
         format!("{} job(s) cancelled", jobs.len()),
     );
-    for job in &jobs {
+    // All at once: each cancellation waits for its own row to reach the disk, and the
+    // group commit writes them together.
+    let cancels = jobs.iter().map(|job| {
         let reason = format!(
             "its lease {id} {}",
             match state {
@@ -244,7 +246,7 @@ async fn end(
             d.events
                 .emit(EventKind::LeaseExpired, Some(job), Some(id), reason.clone());
         }
-        let _ = super::jobs::cancel(
+        super::jobs::cancel(
             d,
             job,
             libc::SIGTERM,
@@ -253,8 +255,8 @@ async fn end(
             Requester::daemon(),
             format!("lease {id} ended ({})", state.as_str()),
         )
-        .await;
-    }
+    });
+    futures_util::future::join_all(cancels).await;
     Ok(with_jobs(d, lease))
 }
 

@@ -14,6 +14,8 @@ pub mod leases;
 pub mod lifecycle;
 pub mod metrics;
 pub mod recovery;
+pub mod spawner;
+pub mod submit;
 pub mod systemd;
 mod watch;
 
@@ -39,6 +41,8 @@ pub struct ServeOptions {
     /// The group whose members may use the API (besides root).
     pub group: String,
     pub max_connections: usize,
+    /// Spawner processes (jobs started at once).
+    pub spawners: usize,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -73,9 +77,10 @@ pub struct JobRuntime {
     pub cancel_reason: Option<String>,
     #[serde(default)]
     pub kill_at_ms: Option<u64>,
-    /// The job's report as of its start; the end fills in exit, wall time and usage.
+    /// The job's report (JSON) as of its start; the end fills in exit, wall time and
+    /// usage. Kept as text: a parsed document costs ten times the memory.
     #[serde(default)]
-    pub report: Option<serde_json::Value>,
+    pub report: Option<String>,
 }
 
 /// One job as the daemon holds it.
@@ -127,6 +132,10 @@ pub struct Daemon {
     pub leases: Mutex<HashMap<String, LeaseInfo>>,
     /// The gid of `opts.group`, when that group exists.
     pub group_gid: Option<u32>,
+    /// The descriptor limit jobs get (the daemon's own is raised).
+    pub job_nofile: Option<(u64, u64)>,
+    /// The processes jobs are cloned from.
+    pub spawners: spawner::SpawnerPool,
 }
 
 impl Daemon {
@@ -191,7 +200,11 @@ pub fn serve(opts: ServeOptions) -> i32 {
         return 125;
     }
     systemd::init_logging();
-    systemd::raise_fd_limit();
+    // Two malloc arenas, not eight per core: the blocking threads that validate jobs
+    // would otherwise each keep an arena of their own alive.
+    // SAFETY: mallopt with integer arguments, before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    let job_nofile = systemd::raise_fd_limit();
     let host_cgroups = match HostCgroups::detect() {
         Ok(h) => h,
         Err(e) => {
@@ -215,6 +228,17 @@ pub fn serve(opts: ServeOptions) -> i32 {
         }
     }
     let host_cgroups = HostCgroups::detect().unwrap_or(host_cgroups);
+    // Jobs are cloned from small spawner processes, not from this one (see `spawner`).
+    // Should one die, its jobs' inits come to the daemon, which reaps them.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    let spawners = match spawner::SpawnerPool::start(opts.spawners) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("cannot start the spawner processes: {e}");
+            return 125;
+        }
+    };
     let store = match Store::open(&opts.state_dir) {
         Ok(s) => s,
         Err(e) => {
@@ -248,6 +272,8 @@ pub fn serve(opts: ServeOptions) -> i32 {
         jobs: Mutex::new(HashMap::new()),
         leases: Mutex::new(HashMap::new()),
         group_gid,
+        job_nofile,
+        spawners,
     });
     let code = runtime.block_on(async move {
         if let Err(e) = recovery::recover(&daemon).await {

@@ -43,7 +43,10 @@ pub async fn recover(d: &Arc<Daemon>) -> Result<(), crate::store::StoreError> {
             if !r.info.state.is_terminal() {
                 unfinished.push(r.info.id.clone());
             }
-            jobs.insert(r.info.id.clone(), JobEntry::new(r.info, runtime));
+            let mut info = r.info;
+            // Reports stay in the store; `inspect` reads them from there.
+            info.report = None;
+            jobs.insert(info.id.clone(), JobEntry::new(info, runtime));
         }
     }
     let (mut adopted, mut ended) = (0, 0);
@@ -79,9 +82,11 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
         (Some(pid), Some(ticks)) if start_ticks(pid) == Some(ticks) => pidfd_open(pid),
         _ => None,
     };
-    if let (Some(pidfd), true, true) = (
+    // A live init is adopted even if its cgroup cannot be opened (then it is watched
+    // and cancelled through its pidfd alone): nothing the store says runs goes
+    // unwatched.
+    if let (Some(pidfd), true) = (
         alive,
-        cgroup.is_some(),
         matches!(info.state, JobState::Running | JobState::Frozen),
     ) {
         let pidfd = Arc::new(pidfd);

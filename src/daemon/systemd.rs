@@ -30,15 +30,22 @@ pub fn init_logging() {
 }
 
 /// Each running job holds a pidfd, and each API connection a socket: lift the soft
-/// descriptor limit to the hard one.
-pub fn raise_fd_limit() {
+/// descriptor limit to the hard one. Returns the limit jobs should get instead: the
+/// usual soft limit (at most 1024, which select()-based programs and programs that
+/// close every possible descriptor expect), with the hard limit as it was.
+pub fn raise_fd_limit() -> Option<(u64, u64)> {
     // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        let for_jobs = (lim.rlim_cur.min(1024), lim.rlim_max);
+        if lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+        Some(for_jobs)
     }
 }
 

@@ -144,7 +144,10 @@ pub fn exit_info(exit: &JobExit) -> ExitInfo {
 }
 
 async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Option<&JobPlan>) {
-    let wait = if ours { reap(pidfd) } else { None };
+    // The daemon is a child subreaper: an init whose spawner died is its child now.
+    // Reaping fails harmlessly for an init that is someone else's.
+    let _ = ours;
+    let wait = reap(pidfd);
     let order = match d.jobs.lock().expect("jobs lock").get(id) {
         Some(e) => e.order.clone(),
         None => return,
@@ -204,7 +207,12 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         e.info.pid = None;
         e.info.reason = e.runtime.cancel_reason.clone().or_else(|| exit.message());
         e.info.usage = usage.as_ref().map(jobs::usage_info);
-        if let Some(mut report) = e.runtime.report.take() {
+        if let Some(mut report) = e
+            .runtime
+            .report
+            .take()
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+        {
             let wall = ended.saturating_sub(e.info.started_ms.unwrap_or(ended)) as f64 / 1e3;
             report["wall_time_sec"] = serde_json::json!(wall);
             report["exit"] = serde_json::to_value(report::exit_report(
@@ -250,6 +258,11 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         .await
     {
         tracing::error!("job {id}: cannot record its end: {e}");
+    }
+    // Recorded: the report now lives in the store, where `inspect` reads it, and no
+    // longer in memory (a daemon keeps every job it ran).
+    if let Some(e) = d.jobs.lock().expect("jobs lock").get_mut(id) {
+        e.info.report = None;
     }
     let kind = match info.state {
         JobState::Killed => EventKind::Killed,

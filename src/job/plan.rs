@@ -18,7 +18,7 @@ pub const NOBODY: u32 = 65534;
 pub const DEGRADABLE: &[&str] = &["landlock", "cgroup-cpu", "cgroup-memory", "cgroup-pids"];
 
 /// What the command line asks for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunOptions {
     pub policy: String,
     pub policy_dir: PathBuf,
@@ -426,6 +426,7 @@ fn build_sandbox_plan(
         exec_candidates,
         die_with_parent: true,
         output: None,
+        nofile: None,
         fault: None,
     })
 }

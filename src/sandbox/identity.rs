@@ -51,16 +51,20 @@ pub fn become_job_user(uid: u32, gid: u32) -> Result<(), SetupError> {
         Step::Securebits,
     )?;
     // No supplementary groups: host root's groups must not follow the job in.
+    // Raw system calls, not glibc's wrappers: those apply the change to every thread of
+    // the process (POSIX semantics) by signalling the threads glibc believes exist and
+    // waiting for them. A child cloned from the multithreaded daemon has one thread but
+    // inherits glibc's list of the others, and would wait for them forever.
     check(
-        unsafe { libc::setgroups(0, std::ptr::null()) }.into(),
+        unsafe { libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) },
         Step::DropGroups,
     )?;
     check(
-        unsafe { libc::setresgid(gid, gid, gid) }.into(),
+        unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) },
         Step::SetGid,
     )?;
     check(
-        unsafe { libc::setresuid(uid, uid, uid) }.into(),
+        unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) },
         Step::SetUid,
     )?;
     Ok(())

@@ -310,6 +310,15 @@ fn exec_main(plan: &SandboxPlan, exec: &ExecArrays, status_fd: i32) -> ! {
             libc::CLOSE_RANGE_CLOEXEC,
         );
     }
+    if let Some((soft, hard)) = plan.nofile {
+        let lim = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads a local struct. Lowering a limit cannot fail for lack
+        // of privilege; if it fails anyway the job keeps the higher limit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
     if let Err(e) = super::seccomp::install(&plan.seccomp) {
         let errno = e.raw_os_error().unwrap_or(libc::EPERM);
         send_setup_failed(

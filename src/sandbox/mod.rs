@@ -70,6 +70,9 @@ pub struct SandboxPlan {
     /// The daemon's jobs: stdin from /dev/null, stdout and stderr through pipes that init
     /// copies into log files, capped. None: the job inherits agentd's stdio.
     pub output: Option<OutputRelay>,
+    /// The descriptor limit (soft, hard) the job's main process gets, where agentd's own
+    /// differs from what a job should inherit (the daemon raises its own).
+    pub nofile: Option<(u64, u64)>,
     /// Test builds only: the setup step to fail at.
     pub fault: Option<Step>,
 }
