@@ -343,8 +343,40 @@ fn a_group_member_runs_jobs_within_its_own_leases_and_workspaces() {
     let msg = as_member("POST", &format!("/v1/leases/{roots}/release"), Some("")).error(403);
     assert!(msg.contains("uid 65534"), "{msg}");
 
-    assert_eq!(d.jobs().len(), 1, "only the allowed job exists");
+    // Policies are the operator's: no inline policy, no policy by path.
+    let body = format!(
+        r#"{{"command": ["true"], "lease": "{lease}", "policy_toml": "[user]\nuid = 1000\n"}}"#
+    );
+    let msg = as_member("POST", "/v1/jobs", Some(&body)).error(403);
+    assert!(
+        msg.contains("inline policies (policy_toml) are for root"),
+        "{msg}"
+    );
+    let body = format!(r#"{{"command": ["true"], "lease": "{lease}", "policy": "/etc/passwd"}}"#);
+    let msg = as_member("POST", "/v1/jobs", Some(&body)).error(403);
+    assert!(msg.contains("a policy given by path is for root"), "{msg}");
+    // A job root started is not the member's to kill, freeze or detach.
+    let roots_job = d.ctl_ok(&["run", "--detach", "--", "sleep", "60"]);
+    for action in ["kill", "freeze", "detach"] {
+        let msg = as_member("POST", &format!("/v1/jobs/{roots_job}/{action}"), Some("")).error(403);
+        assert!(
+            msg.contains("only that user or root may change it"),
+            "{action}: {msg}"
+        );
+    }
+    assert_eq!(d.job(&roots_job)["state"], "running");
+    d.ctl_ok(&["kill", "--signal", "KILL", &roots_job]);
+    d.wait_ended(&roots_job);
+
+    assert_eq!(d.jobs().len(), 2, "only the allowed job and root's exist");
     let audit = d.audit();
+    for rule in ["policy source", "job ownership"] {
+        assert!(
+            audit.iter().any(|r| r["requester"]["uid"] == 65534
+                && str_of(r, "authority").starts_with(&format!("denied by {rule}"))),
+            "no refusal by {rule}: {audit:#?}"
+        );
+    }
     assert!(
         audit.iter().any(|r| r["requester"]["uid"] == 65534
             && str_of(r, "authority").starts_with("denied by workspace ownership")),
