@@ -72,6 +72,18 @@ pub fn join_cgroup(mount: &Path, rel: &str) -> PathBuf {
 }
 
 impl HostCgroups {
+    /// `detect`, once per process: a supervisor validates many jobs, and neither the
+    /// host's cgroup mounts nor its own cgroup change under it (the daemon moves into
+    /// its leaf before it validates any job).
+    pub fn detect_cached() -> Result<Self, LayoutError> {
+        static CACHE: std::sync::OnceLock<HostCgroups> = std::sync::OnceLock::new();
+        if let Some(h) = CACHE.get() {
+            return Ok(h.clone());
+        }
+        let h = Self::detect()?;
+        Ok(CACHE.get_or_init(|| h).clone())
+    }
+
     pub fn detect() -> Result<Self, LayoutError> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| LayoutError::Read("/proc/self/mountinfo", e))?;

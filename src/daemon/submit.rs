@@ -62,6 +62,7 @@ pub async fn submit(
         policy_text: req.policy_toml.clone(),
     };
     let spawn_options = options.clone();
+    let t_validate = Instant::now();
     let plan = match tokio::task::spawn_blocking(move || job::plan::validate(options)).await {
         Ok(Ok(plan)) => plan,
         Ok(Err(e)) => {
@@ -85,6 +86,7 @@ pub async fn submit(
         return Err(ApiError::forbidden(why));
     }
 
+    let validate_us = t_validate.elapsed().as_micros();
     // Published: the job exists from here on, in the store and in the table.
     let id = job::new_job_id();
     let mut requester = requester;
@@ -165,7 +167,13 @@ pub async fn submit(
         }
         d.jobs.lock().expect("jobs lock").insert(id.clone(), entry);
     }
-    if let Err(e) = d.commit(batch).await {
+    let t_commit = Instant::now();
+    let commit = d.commit(batch).await;
+    tracing::debug!(
+        "job {id}: validated in {validate_us} us, recorded in {} us",
+        t_commit.elapsed().as_micros()
+    );
+    if let Err(e) = commit {
         d.jobs.lock().expect("jobs lock").remove(&id);
         return Err(ApiError::internal(format!(
             "cannot record the job; nothing was started: {e}"
@@ -273,25 +281,24 @@ async fn start(
         state_dir: d.opts.state_dir.clone(),
         nofile: d.job_nofile,
     };
-    let spawned = d
-        .spawners
-        .spawn(request)
-        .await
-        .and_then(|(pid, pidfd, runtime)| {
-            // The daemon's own handle on the job's cgroup: kill, freeze, usage, removal.
-            let dirs: Vec<PathBuf> = runtime.cgroup_dirs.iter().map(PathBuf::from).collect();
-            match crate::cgroup::open_job_cgroup(&d.host_cgroups, &dirs) {
-                Ok(cgroup) => Ok((pid, pidfd, runtime, cgroup)),
-                Err(e) => {
-                    let mut doomed = crate::cgroup::open_job_cgroup(&d.host_cgroups, &dirs).ok();
-                    if let Some(c) = doomed.as_mut() {
-                        let _ = c.remove();
-                    }
-                    super::jobs::pidfd_signal(&pidfd, libc::SIGKILL);
-                    Err(format!("cannot open the job's cgroup: {e}"))
+    let t_spawn = Instant::now();
+    let spawned = d.spawners.spawn(request).await;
+    tracing::debug!("job {id}: spawned in {} us", t_spawn.elapsed().as_micros());
+    let spawned = spawned.and_then(|(pid, pidfd, runtime)| {
+        // The daemon's own handle on the job's cgroup: kill, freeze, usage, removal.
+        let dirs: Vec<PathBuf> = runtime.cgroup_dirs.iter().map(PathBuf::from).collect();
+        match crate::cgroup::open_job_cgroup(&d.host_cgroups, &dirs) {
+            Ok(cgroup) => Ok((pid, pidfd, runtime, cgroup)),
+            Err(e) => {
+                let mut doomed = crate::cgroup::open_job_cgroup(&d.host_cgroups, &dirs).ok();
+                if let Some(c) = doomed.as_mut() {
+                    let _ = c.remove();
                 }
+                super::jobs::pidfd_signal(&pidfd, libc::SIGKILL);
+                Err(format!("cannot open the job's cgroup: {e}"))
             }
-        });
+        }
+    });
     match spawned {
         Ok((pid, pidfd, runtime, cgroup)) => {
             let s = Started {

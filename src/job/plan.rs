@@ -205,7 +205,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         return Err(Error::Usage("refused: this kernel cannot install seccomp filters (CONFIG_SECCOMP_FILTER); agentd never runs a job without seccomp".into()));
     }
 
-    let host_cgroups = HostCgroups::detect()
+    let host_cgroups = HostCgroups::detect_cached()
         .map_err(|e| Error::Usage(format!("cannot find the host's cgroups: {e}")))?;
     let cg_limits = CgroupLimits {
         cpu: limits.cpu,
