@@ -49,6 +49,30 @@ impl EventBus {
             detail,
         };
         ring.next_seq += 1;
+        // Into the daemon's log too, with structured fields: under systemd each is a
+        // journald field (EVENT=, JOB=, LEASE=, SEQ=), so `journalctl -u agentd JOB=ID`
+        // selects one job's lifecycle. (Renewals, every 10 s per attached client, stay
+        // out of the log; they are in the stream and the operation table.)
+        if kind != EventKind::LeaseRenewed {
+            tracing::info!(
+                event = kind_name(kind),
+                job = event.job.as_deref().unwrap_or(""),
+                lease = event.lease.as_deref().unwrap_or(""),
+                seq = event.seq,
+                "{} {}{}",
+                kind_name(kind),
+                event
+                    .job
+                    .as_deref()
+                    .or(event.lease.as_deref())
+                    .unwrap_or(""),
+                if event.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", event.detail)
+                }
+            );
+        }
         if ring.events.len() == RING {
             ring.events.pop_front();
         }
@@ -68,6 +92,29 @@ impl EventBus {
             .cloned()
             .collect();
         (past, self.tx.subscribe())
+    }
+}
+
+/// The kind as the API spells it ("lease-expired").
+pub fn kind_name(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Submitted => "submitted",
+        EventKind::Admitted => "admitted",
+        EventKind::Started => "started",
+        EventKind::Frozen => "frozen",
+        EventKind::Thawed => "thawed",
+        EventKind::Exited => "exited",
+        EventKind::Killed => "killed",
+        EventKind::Failed => "failed",
+        EventKind::Lost => "lost",
+        EventKind::Adopted => "adopted",
+        EventKind::Detached => "detached",
+        EventKind::Denied => "denied",
+        EventKind::LeaseTaken => "lease-taken",
+        EventKind::LeaseRenewed => "lease-renewed",
+        EventKind::LeaseReleased => "lease-released",
+        EventKind::LeaseExpired => "lease-expired",
+        EventKind::Lagged => "lagged",
     }
 }
 
@@ -105,6 +152,20 @@ mod tests {
         assert_eq!(past.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
         bus.emit(EventKind::Exited, Some("a"), None, String::new());
         assert_eq!(rx.try_recv().unwrap().seq, 3);
+    }
+
+    #[test]
+    fn kind_names_match_the_api() {
+        for kind in [
+            EventKind::LeaseExpired,
+            EventKind::Submitted,
+            EventKind::Lagged,
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::String(kind_name(kind).into())
+            );
+        }
     }
 
     #[test]

@@ -300,12 +300,12 @@ pub async fn cancel(
         })
         .await
     {
-        tracing::error!("job {id}: cannot record the kill: {e}");
+        tracing::error!(job = %id, "job {id}: cannot record the kill: {e}");
     }
     if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {
         e.wake.notify_one();
     }
-    tracing::info!("job {id}: cancelling ({reason}), signal {signal}, grace {grace_ms} ms");
+    tracing::info!(job = %id, "job {id}: cancelling ({reason}), signal {signal}, grace {grace_ms} ms");
     Ok(info)
 }
 

@@ -343,7 +343,7 @@ async fn start(
                 })
                 .await
             {
-                tracing::error!("job {id}: cannot record its start: {e}");
+                tracing::error!(job = %id, "job {id}: cannot record its start: {e}");
             }
             d.events.emit(
                 EventKind::Started,

@@ -28,7 +28,7 @@ pub async fn watch(
     let afd = match unsafe { AsyncFd::register_with_interest(pidfd.clone(), Interest::READABLE) } {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!("job {id}: cannot watch its pidfd: {e}");
+            tracing::error!(job = %id, "job {id}: cannot watch its pidfd: {e}");
             return;
         }
     };
@@ -97,7 +97,7 @@ async fn kill_cgroup(d: &Daemon, id: &str) {
     if let Some(cg) = cgroup {
         let r = tokio::task::spawn_blocking(move || cg.lock().expect("cgroup lock").kill()).await;
         if let Ok(Err(e)) = r {
-            tracing::warn!("job {id}: killing its cgroup: {e}");
+            tracing::warn!(job = %id, "job {id}: killing its cgroup: {e}");
         }
     }
 }
@@ -182,7 +182,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         None => (None, None),
     };
     if let Some(e) = removal {
-        tracing::warn!("job {id}: {e}");
+        tracing::warn!(job = %id, "job {id}: {e}");
     }
     let _ = std::fs::remove_dir_all(&rundir);
     let (info, record) = {
@@ -257,7 +257,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         })
         .await
     {
-        tracing::error!("job {id}: cannot record its end: {e}");
+        tracing::error!(job = %id, "job {id}: cannot record its end: {e}");
     }
     // Recorded: the report now lives in the store, where `inspect` reads it, and no
     // longer in memory (a daemon keeps every job it ran).
@@ -277,5 +277,4 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
     if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {
         e.state_tx.send_replace(info.state);
     }
-    tracing::info!("job {id}: {} ({exit_text})", info.state);
 }
