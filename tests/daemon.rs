@@ -497,3 +497,45 @@ fn a_failed_creation_leaves_nothing_behind() {
         );
     }
 }
+
+/// `--keep-ended N`: only the last N ended jobs stay in memory (and in `ps --all`); an
+/// older one is still found, from the store, by inspect (with its report), wait and logs.
+#[test]
+fn ended_jobs_beyond_the_bound_are_answered_from_the_store() {
+    let d = TestDaemon::start(&["--keep-ended", "2"]);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let script = format!("echo out{i}; exit {i}");
+        let id = d.ctl_ok(&["run", "--detach", "--", "sh", "-c", &script]);
+        d.wait_ended(&id);
+        ids.push(id);
+    }
+    let listed: Vec<String> = d
+        .jobs()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        listed.len() <= 2,
+        "more ended jobs listed than kept: {listed:?}"
+    );
+    assert!(
+        !listed.contains(&ids[0]),
+        "the oldest job is still in memory: {listed:?}"
+    );
+    // The oldest job, from the store.
+    let j = d.job(&ids[0]);
+    assert_eq!(j["state"], "exited", "{j}");
+    assert_eq!(j["exit"]["code"], 0, "{j}");
+    assert!(
+        j["report"]["enforced"]["seccomp"].is_object(),
+        "no report: {j}"
+    );
+    let j = d.wait_ended(&ids[1]);
+    assert_eq!(j["exit"]["code"], 1, "{j}");
+    assert_eq!(d.ctl_ok(&["logs", &ids[1]]), "out1");
+    let o = d.ctl(&["wait", &ids[1]]);
+    assert_eq!(o.status.code(), Some(1), "agentctl wait: {}", show(&o));
+    // An id that never existed is still 404.
+    assert_eq!(d.get("/v1/jobs/0123456789ab").status, 404);
+}

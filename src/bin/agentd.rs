@@ -107,6 +107,15 @@ struct ServeArgs {
     /// the daemon's memory; this many jobs can be starting at once.
     #[arg(long, env = "AGENTD_SPAWNERS", default_value_t = 4, value_name = "N")]
     spawners: usize,
+    /// Ended jobs kept in memory for `agentctl ps --all`; older ones stay in the store,
+    /// where `inspect`, `wait`, `logs` and `audit` still find them.
+    #[arg(
+        long,
+        env = "AGENTD_KEEP_ENDED",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    keep_ended: usize,
 }
 
 #[derive(Args)]
@@ -215,6 +224,7 @@ fn main() {
             group: a.group,
             max_connections: a.max_connections.max(1),
             spawners: a.spawners.clamp(1, 64),
+            keep_ended: a.keep_ended,
         }),
         Command::Spawner => agentd::daemon::spawner::spawner_main(),
         Command::Check {

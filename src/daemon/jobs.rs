@@ -48,12 +48,48 @@ fn no_such_job(id: &str) -> ApiError {
     ApiError::not_found(format!("no job {id} (agentctl ps --all lists them)"))
 }
 
+/// Forgets the oldest ended jobs beyond `--keep-ended` (they stay in the store, and
+/// `inspect`, `wait` and `logs` answer from there). Prunes in batches (a tenth more
+/// than the bound) so the sort is not paid for every job that ends.
+pub fn prune_ended(d: &Daemon) {
+    let keep = d.opts.keep_ended;
+    let mut jobs = d.jobs.lock().expect("jobs lock");
+    let ended_count = jobs.values().filter(|e| e.info.state.is_terminal()).count();
+    if ended_count <= keep + keep / 10 {
+        return;
+    }
+    let mut ended: Vec<(u64, String)> = jobs
+        .values()
+        .filter(|e| e.info.state.is_terminal())
+        .map(|e| (e.info.ended_ms.unwrap_or(0), e.info.id.clone()))
+        .collect();
+    ended.sort_unstable();
+    let excess = ended.len() - keep;
+    for (_, id) in ended.into_iter().take(excess) {
+        jobs.remove(&id);
+    }
+}
+
+/// A job the daemon no longer holds in memory, from the store.
+fn stored(d: &Daemon, id: &str) -> Result<JobInfo, ApiError> {
+    match d.store.job(id) {
+        Ok(Some(record)) => Ok(record.info),
+        Ok(None) => Err(no_such_job(id)),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
 /// The job's current info, with live usage while it runs.
 pub fn inspect(d: &Daemon, id: &str) -> Result<JobInfo, ApiError> {
     let (mut info, cgroup) = {
         let jobs = d.jobs.lock().expect("jobs lock");
-        let e = jobs.get(id).ok_or_else(|| no_such_job(id))?;
-        (e.info.clone(), e.cgroup.clone())
+        match jobs.get(id) {
+            Some(e) => (e.info.clone(), e.cgroup.clone()),
+            None => {
+                drop(jobs);
+                return stored(d, id);
+            }
+        }
     };
     if let Some(cg) = cgroup {
         info.usage = Some(usage_info(&cg.lock().expect("cgroup lock").usage()));
@@ -68,7 +104,8 @@ pub fn inspect(d: &Daemon, id: &str) -> Result<JobInfo, ApiError> {
     Ok(info)
 }
 
-/// Every job, without reports (`inspect` has those).
+/// Every job in memory (all that have not ended, and the last `--keep-ended` that
+/// have), without reports (`inspect` has those).
 pub fn list(d: &Daemon) -> Vec<JobInfo> {
     let jobs = d.jobs.lock().expect("jobs lock");
     let mut all: Vec<JobInfo> = jobs.values().map(|e| e.info.clone()).collect();
@@ -487,14 +524,15 @@ pub async fn detach(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
 
 /// GET /v1/jobs/{id}/wait: returns when the job ended or `timeout` passed.
 pub async fn wait(d: &Daemon, id: &str, timeout: Duration) -> Result<JobInfo, ApiError> {
-    let mut rx = d
+    let rx = d
         .jobs
         .lock()
         .expect("jobs lock")
         .get(id)
-        .ok_or_else(|| no_such_job(id))?
-        .state_tx
-        .subscribe();
+        .map(|e| e.state_tx.subscribe());
+    let Some(mut rx) = rx else {
+        return stored(d, id); // ended long ago
+    };
     let _ = tokio::time::timeout(timeout, rx.wait_for(|s| s.is_terminal())).await;
     inspect(d, id)
 }
@@ -506,9 +544,12 @@ pub fn log_path(d: &Daemon, id: &str, stream: &str) -> Result<PathBuf, ApiError>
             "stream: expected stdout or stderr, got \"{stream}\""
         )));
     }
-    let jobs = d.jobs.lock().expect("jobs lock");
-    let e = jobs.get(id).ok_or_else(|| no_such_job(id))?;
-    Ok(d.opts.state_dir.join("jobs").join(&e.info.id).join(stream))
+    let known = d.jobs.lock().expect("jobs lock").contains_key(id);
+    if !known {
+        stored(d, id)?;
+    }
+    // The id is a known job's (12 hex digits), so it is safe in a path.
+    Ok(d.opts.state_dir.join("jobs").join(id).join(stream))
 }
 
 /// Whether the job has ended (its logs are complete).

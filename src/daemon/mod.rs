@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Spawner processes (jobs started at once).
     pub spawners: usize,
+    /// Ended jobs kept in memory; older ones are read from the store.
+    pub keep_ended: usize,
 }
 
 /// Milliseconds since the Unix epoch.

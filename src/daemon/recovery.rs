@@ -49,6 +49,7 @@ pub async fn recover(d: &Arc<Daemon>) -> Result<(), crate::store::StoreError> {
             jobs.insert(info.id.clone(), JobEntry::new(info, runtime));
         }
     }
+    super::jobs::prune_ended(d);
     let (mut adopted, mut ended) = (0, 0);
     for id in unfinished {
         if adopt(d, &id).await {

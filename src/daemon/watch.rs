@@ -264,6 +264,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
     if let Some(e) = d.jobs.lock().expect("jobs lock").get_mut(id) {
         e.info.report = None;
     }
+    jobs::prune_ended(d);
     let kind = match info.state {
         JobState::Killed => EventKind::Killed,
         JobState::Failed => EventKind::Failed,
