@@ -126,6 +126,9 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
         let _ = cg.remove();
         u
     });
+    // A removal the last daemon left half done (so the set could not be opened as a
+    // whole): the rest goes by its recorded paths.
+    crate::cgroup::remove_stale(&dirs);
     if !runtime.rundir.is_empty() {
         let _ = std::fs::remove_dir_all(&runtime.rundir);
     } else {

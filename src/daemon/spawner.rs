@@ -270,6 +270,7 @@ fn spawn_job(req: &SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
 /// The daemon's side: a pool of spawner processes.
 pub struct SpawnerPool {
     idle: Mutex<Vec<Spawner>>,
+    keeper: Mutex<std::sync::mpsc::Sender<SpawnerOrder>>,
     slots: tokio::sync::Semaphore,
 }
 
@@ -286,7 +287,11 @@ impl Drop for Spawner {
     }
 }
 
+/// Starts one spawner. Only ever called on the keeper thread (see `keeper`): a
+/// spawner dies with the thread that started it (parent-death signal), and that thread
+/// lives as long as the daemon.
 fn start_spawner() -> std::io::Result<Spawner> {
+    use std::os::unix::process::CommandExt;
     let (ours, theirs) = nix::sys::socket::socketpair(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::SeqPacket,
@@ -294,21 +299,74 @@ fn start_spawner() -> std::io::Result<Spawner> {
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )
     .map_err(std::io::Error::from)?;
-    let child = std::process::Command::new("/proc/self/exe")
-        .arg("__spawner")
-        .stdin(std::process::Stdio::from(theirs))
-        .spawn()?;
+    let daemon = std::process::id() as libc::pid_t;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg("__spawner")
+        .stdin(std::process::Stdio::from(theirs));
+    // A spawner must not outlive the daemon: one still allocating a job when the daemon
+    // dies would race the next daemon's recovery, which removes what the dead daemon
+    // had not recorded as started. Killed with it, its half-made job is all the
+    // recovery finds. (A job already cloned survives: it is not the spawner.)
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != daemon {
+                return Err(std::io::Error::other("the daemon is gone"));
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
     Ok(Spawner { sock: ours, child })
 }
 
+type SpawnerOrder = std::sync::mpsc::Sender<std::io::Result<Spawner>>;
+
+/// The one thread that starts spawners, for the daemon's whole life.
+fn keeper() -> std::sync::mpsc::Sender<SpawnerOrder> {
+    let (tx, rx) = std::sync::mpsc::channel::<SpawnerOrder>();
+    std::thread::Builder::new()
+        .name("agentd-keeper".into())
+        .spawn(move || {
+            for reply in rx {
+                let _ = reply.send(start_spawner());
+            }
+        })
+        .expect("start the spawner keeper thread");
+    tx
+}
+
 impl SpawnerPool {
+    /// A new spawner, started by the keeper thread (blocks briefly).
+    fn new_spawner(&self) -> std::io::Result<Spawner> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.keeper
+            .lock()
+            .expect("keeper lock")
+            .send(tx)
+            .map_err(|_| std::io::Error::other("the spawner keeper is gone"))?;
+        rx.recv()
+            .map_err(|_| std::io::Error::other("the spawner keeper is gone"))?
+    }
+
     /// Starts `n` spawners.
     pub fn start(n: usize) -> std::io::Result<SpawnerPool> {
-        let spawners = (0..n)
-            .map(|_| start_spawner())
-            .collect::<Result<Vec<_>, _>>()?;
+        let keeper = keeper();
+        let new = || -> std::io::Result<Spawner> {
+            let (tx, rx) = std::sync::mpsc::channel();
+            keeper
+                .send(tx)
+                .map_err(|_| std::io::Error::other("the spawner keeper is gone"))?;
+            rx.recv()
+                .map_err(|_| std::io::Error::other("the spawner keeper is gone"))?
+        };
+        let spawners = (0..n).map(|_| new()).collect::<Result<Vec<_>, _>>()?;
         Ok(SpawnerPool {
             idle: Mutex::new(spawners),
+            keeper: Mutex::new(keeper),
             slots: tokio::sync::Semaphore::new(n),
         })
     }
@@ -323,7 +381,9 @@ impl SpawnerPool {
             .map_err(|_| "the spawner pool is closed".to_owned())?;
         let spawner = match self.idle.lock().expect("spawner pool lock").pop() {
             Some(s) => s,
-            None => start_spawner().map_err(|e| format!("cannot start a spawner: {e}"))?,
+            None => self
+                .new_spawner()
+                .map_err(|e| format!("cannot start a spawner: {e}"))?,
         };
         let text = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         let (result, spawner) = tokio::task::spawn_blocking(move || {
@@ -340,7 +400,7 @@ impl SpawnerPool {
             Err(e) => {
                 // A broken spawner is replaced: drop it (killed, reaped), start another.
                 drop(spawner);
-                if let Ok(s) = start_spawner() {
+                if let Ok(s) = self.new_spawner() {
                     self.idle.lock().expect("spawner pool lock").push(s);
                 }
                 Err(format!("the spawner failed: {e}"))

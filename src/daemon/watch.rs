@@ -153,13 +153,14 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         None => return,
     };
     let _ordered = order.lock().await;
-    let (jobdir, rundir, cgroup) = {
+    let (jobdir, rundir, cgroup, cgroup_dirs) = {
         let jobs = d.jobs.lock().expect("jobs lock");
         let e = &jobs[id];
         (
             e.runtime.jobdir.clone(),
             e.runtime.rundir.clone(),
             e.cgroup.clone(),
+            e.runtime.cgroup_dirs.clone(),
         )
     };
     let messages = read_status(&jobdir);
@@ -183,6 +184,16 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
     };
     if let Some(e) = removal {
         tracing::warn!(job = %id, "job {id}: {e}");
+    }
+    // Whatever the handle did not remove (a job adopted without one, or a removal a
+    // killed daemon left half done) goes by its recorded paths.
+    let leftover: Vec<std::path::PathBuf> = cgroup_dirs
+        .iter()
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_dir())
+        .collect();
+    if !leftover.is_empty() {
+        let _ = tokio::task::spawn_blocking(move || crate::cgroup::remove_stale(&leftover)).await;
     }
     let _ = std::fs::remove_dir_all(&rundir);
     let (info, record) = {
