@@ -301,3 +301,43 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     );
     assert_eq!(d.get("/v1/health").json()["pid"], d.pid());
 }
+
+/// An attached `agentctl run` rides out a daemon restart: it reconnects, its output
+/// arrives whole and once (the logs endpoint resumes at the bytes it has), and it exits
+/// with the job's status.
+#[test]
+fn an_attached_client_rides_out_a_daemon_restart() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut d = TestDaemon::start(&[]);
+    let script = "for i in 1 2 3 4 5 6; do echo line$i; sleep 0.4; done; exit 5";
+    let mut client = d
+        .ctl_cmd(&["run", "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start agentctl run");
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert_eq!(first, "line1\n");
+    d.sigkill();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    d.launch();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = client.wait().unwrap();
+    let mut err = String::new();
+    client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(
+        format!("{first}{rest}"),
+        "line1\nline2\nline3\nline4\nline5\nline6\n",
+        "agentctl's stderr: {err}"
+    );
+    assert_eq!(status.code(), Some(5), "agentctl's stderr: {err}");
+    assert!(err.contains("reconnecting"), "{err}");
+}

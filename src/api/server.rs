@@ -423,11 +423,15 @@ async fn logs(
     let stream = q.get("stream").map(String::as_str).unwrap_or("stdout");
     let path = jobs::log_path(&d, &id, stream)?;
     let follow = bool_param(&q, "follow")?;
+    // Where to start: a client that lost its connection (a daemon restart) goes on from
+    // the bytes it already has.
+    let offset = u64_param(&q, "offset")?;
     struct Tail {
         d: Arc<Daemon>,
         id: String,
         path: std::path::PathBuf,
         file: Option<tokio::fs::File>,
+        offset: u64,
         follow: bool,
     }
     let tail = Tail {
@@ -435,6 +439,7 @@ async fn logs(
         id,
         path,
         file: None,
+        offset,
         follow,
     };
     let s = futures_util::stream::unfold(Some(tail), |state| async move {
@@ -444,7 +449,12 @@ async fn logs(
             // Ended before this read means this read sees everything the job wrote.
             let ended = jobs::has_ended(&t.d, &t.id);
             if t.file.is_none() {
-                t.file = tokio::fs::File::open(&t.path).await.ok();
+                use tokio::io::AsyncSeekExt;
+                if let Ok(mut f) = tokio::fs::File::open(&t.path).await
+                    && f.seek(std::io::SeekFrom::Start(t.offset)).await.is_ok()
+                {
+                    t.file = Some(f);
+                }
             }
             if let Some(f) = t.file.as_mut() {
                 let mut buf = vec![0u8; 64 * 1024];

@@ -226,27 +226,89 @@ async fn attach(
     }
 }
 
-/// Copies one of the job's streams (stdout, or stderr if `stderr`) to ours until the
-/// daemon ends it (the job has ended and all its output was sent). Once our side is
-/// closed the rest is read and dropped.
-async fn pump(client: Client, id: String, stderr: bool) -> Result<(), ClientError> {
-    let which = if stderr { "stderr" } else { "stdout" };
-    let path = with_query(
-        &format!("/v1/jobs/{}/logs", encode(&id)),
-        &[("stream", Some(which)), ("follow", Some("true"))],
-    );
-    let mut body = client.stream(&path).await?;
-    let mut open = true;
-    while let Some(chunk) = body.next_chunk().await? {
-        if open {
-            // Blocking writes go to tokio's blocking pool, so that a slow reader of one
-            // stream holds up neither the other stream nor signal forwarding.
-            open = tokio::task::spawn_blocking(move || write_all(stderr, &chunk))
-                .await
-                .is_ok_and(|r| r.is_ok());
+/// How long an attached client keeps trying to reach a daemon that went away (a
+/// restart): as long as its lease lives, and a little more.
+const RECONNECT_FOR: Duration = Duration::from_secs(40);
+
+/// Whether `e` means the daemon is (for now) out of reach, rather than that it refused.
+fn unreachable(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connect { .. } | ClientError::Io(_))
+}
+
+/// Retries `op` while the daemon is out of reach, for up to `RECONNECT_FOR`; says so once.
+async fn reconnecting<T, F, Fut>(what: &str, mut op: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut since: Option<Instant> = None;
+    loop {
+        match op().await {
+            Err(e) if unreachable(&e) => {
+                if since.is_none() {
+                    eprintln!("agentctl: lost agentd ({e}); reconnecting to follow {what}");
+                }
+                if since.get_or_insert_with(Instant::now).elapsed() > RECONNECT_FOR {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
         }
     }
-    Ok(())
+}
+
+/// Copies one of the job's streams (stdout, or stderr if `stderr`) to ours until the
+/// daemon ends it (the job has ended and all its output was sent). Once our side is
+/// closed the rest is read and dropped. If the daemon goes away (a restart), it
+/// reconnects and goes on from the bytes it already has: nothing twice, nothing lost.
+async fn pump(client: Client, id: String, stderr: bool) -> Result<(), ClientError> {
+    let which = if stderr { "stderr" } else { "stdout" };
+    let mut received: u64 = 0;
+    let mut open = true;
+    let mut lost_at: Option<Instant> = None;
+    loop {
+        let offset = received.to_string();
+        let path = with_query(
+            &format!("/v1/jobs/{}/logs", encode(&id)),
+            &[
+                ("stream", Some(which)),
+                ("follow", Some("true")),
+                ("offset", Some(offset.as_str())),
+            ],
+        );
+        let result: Result<(), ClientError> = async {
+            let mut body = client.stream(&path).await?;
+            while let Some(chunk) = body.next_chunk().await? {
+                lost_at = None;
+                received += chunk.len() as u64;
+                if open {
+                    // Blocking writes go to tokio's blocking pool, so that a slow reader
+                    // of one stream holds up neither the other stream nor signal
+                    // forwarding.
+                    open = tokio::task::spawn_blocking(move || write_all(stderr, &chunk))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Err(e) if unreachable(&e) => {
+                if lost_at.is_none() {
+                    eprintln!(
+                        "agentctl: lost agentd ({e}); reconnecting to follow job {id}'s {which}"
+                    );
+                }
+                if lost_at.get_or_insert_with(Instant::now).elapsed() > RECONNECT_FOR {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Writes `bytes` to our stderr or stdout and flushes.
@@ -266,7 +328,8 @@ pub async fn wait_until_ended(client: &Client, id: &str) -> Result<JobInfo, Clie
     let path = format!("/v1/jobs/{}/wait?timeout=30s", encode(id));
     loop {
         let asked = Instant::now();
-        let job: JobInfo = client.get(&path).await?;
+        let job: JobInfo =
+            reconnecting(&format!("job {id}"), || client.get::<JobInfo>(&path)).await?;
         if job.state.is_terminal() {
             return Ok(job);
         }
