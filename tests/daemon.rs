@@ -539,3 +539,41 @@ fn ended_jobs_beyond_the_bound_are_answered_from_the_store() {
     // An id that never existed is still 404.
     assert_eq!(d.get("/v1/jobs/0123456789ab").status, 404);
 }
+
+/// A client that goes away while its submit is being carried out does not leave a job
+/// half made: the request runs to its end (the job starts and its start is recorded),
+/// and the job can be killed as any other. (Spawns are slowed down in this test, so the
+/// client is gone while its job is admitted but not yet running.)
+#[test]
+fn a_submit_whose_client_vanishes_still_completes() {
+    use std::io::Write;
+    let d = TestDaemon::start_with_env(&[], &[("AGENTD_FAULT", "slow-spawn")]);
+    let body = r#"{"command": ["sleep", "100"], "durable": true}"#;
+    let mut s = std::os::unix::net::UnixStream::connect(d.sock()).unwrap();
+    s.write_all(&build_request("POST", "/v1/jobs", Some(body.as_bytes())))
+        .unwrap();
+    let mut id = String::new();
+    wait_until("the job is admitted", LIVENESS, || {
+        if let Some(j) = d.jobs().first() {
+            id = j["id"].as_str().unwrap().to_owned();
+        }
+        !id.is_empty()
+    });
+    assert_eq!(
+        d.job(&id)["state"],
+        "admitted",
+        "not admitted when the client left"
+    );
+    drop(s); // gone before the answer
+    wait_until("the job runs", LIVENESS, || {
+        d.job(&id)["state"] == "running"
+    });
+    d.ctl_ok(&["kill", "--signal", "KILL", &id]);
+    assert_eq!(d.wait_ended(&id)["state"], "killed");
+    let starts = d
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"] == "job.start")
+        .count();
+    assert_eq!(starts, 1, "the job's start is recorded");
+}

@@ -314,9 +314,24 @@ async fn health(State(d): State<Arc<Daemon>>) -> axum::Json<serde_json::Value> {
     }))
 }
 
+/// Runs a state change to its end even if the client goes away meanwhile: hyper drops
+/// a request's future when its connection closes, and a change dropped half-way (a job
+/// recorded but never started, a lease ended but its jobs not cancelled) would leave
+/// the daemon's state and the store apart.
+async fn to_the_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(change).await.unwrap_or_else(|e| {
+        Err(ApiError::internal(format!(
+            "the request's task failed: {e}"
+        )))
+    })
+}
+
 async fn submit(State(d): State<Arc<Daemon>>, req: Request) -> Result<Response, ApiError> {
     let (who, body) = json_body::<SubmitRequest>(req).await?;
-    let info = crate::daemon::submit::submit(&d, body, who).await?;
+    let info =
+        to_the_end(async move { crate::daemon::submit::submit(&d, body, who).await }).await?;
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
@@ -334,7 +349,9 @@ async fn kill(
     req: Request,
 ) -> ApiResult<JobInfo> {
     let (who, body) = json_body::<KillRequest>(req).await?;
-    jobs::kill(&d, &id, body, who).await.map(axum::Json)
+    to_the_end(async move { jobs::kill(&d, &id, body, who).await })
+        .await
+        .map(axum::Json)
 }
 
 async fn freeze(
@@ -342,7 +359,8 @@ async fn freeze(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<JobInfo> {
-    jobs::set_frozen(&d, &id, true, peer(&req))
+    let who = peer(&req);
+    to_the_end(async move { jobs::set_frozen(&d, &id, true, who).await })
         .await
         .map(axum::Json)
 }
@@ -352,7 +370,8 @@ async fn thaw(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<JobInfo> {
-    jobs::set_frozen(&d, &id, false, peer(&req))
+    let who = peer(&req);
+    to_the_end(async move { jobs::set_frozen(&d, &id, false, who).await })
         .await
         .map(axum::Json)
 }
@@ -362,7 +381,10 @@ async fn detach(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<JobInfo> {
-    jobs::detach(&d, &id, peer(&req)).await.map(axum::Json)
+    let who = peer(&req);
+    to_the_end(async move { jobs::detach(&d, &id, who).await })
+        .await
+        .map(axum::Json)
 }
 
 fn duration_param(
@@ -572,7 +594,7 @@ async fn audit_verify(State(d): State<Arc<Daemon>>) -> ApiResult<VerifyReport> {
 
 async fn take_lease(State(d): State<Arc<Daemon>>, req: Request) -> Result<Response, ApiError> {
     let (who, body) = json_body::<LeaseRequest>(req).await?;
-    let lease = leases::take(&d, who, &body.ttl).await?;
+    let lease = to_the_end(async move { leases::take(&d, who, &body.ttl).await }).await?;
     Ok((StatusCode::CREATED, axum::Json(lease)).into_response())
 }
 
@@ -586,7 +608,7 @@ async fn renew_lease(
     req: Request,
 ) -> ApiResult<LeaseInfo> {
     let (who, body) = json_body::<RenewRequest>(req).await?;
-    leases::renew(&d, who, &id, body.ttl.as_deref())
+    to_the_end(async move { leases::renew(&d, who, &id, body.ttl.as_deref()).await })
         .await
         .map(axum::Json)
 }
@@ -596,7 +618,10 @@ async fn release_lease(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<LeaseInfo> {
-    leases::release(&d, peer(&req), &id).await.map(axum::Json)
+    let who = peer(&req);
+    to_the_end(async move { leases::release(&d, who, &id).await })
+        .await
+        .map(axum::Json)
 }
 
 async fn metrics(State(d): State<Arc<Daemon>>) -> Response {

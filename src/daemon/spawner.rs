@@ -166,6 +166,11 @@ fn spawn_job(req: &SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
     let id = req.id.as_str();
     let mut plan = job::plan::validate(req.options.clone()).map_err(|e| e.to_string())?;
     let fault = job::injected_fault();
+    // Test builds: a slow start, so a test can act while a job is admitted but not yet
+    // running.
+    if fault.as_deref() == Some("slow-spawn") {
+        std::thread::sleep(Duration::from_secs(1));
+    }
     // The child's own steps too (test builds only), as for `agentd run`.
     plan.sandbox.fault = fault
         .as_deref()
