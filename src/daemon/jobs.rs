@@ -4,7 +4,7 @@
 //! an event. Reading is open to every caller the socket admits; changing a job is for
 //! root and for the user who submitted it.
 
-use super::{Daemon, human_duration, lifecycle, now_ms};
+use super::{Daemon, lifecycle, now_ms};
 use crate::api::types::{EventKind, JobInfo, JobState, KillRequest, UsageInfo};
 use crate::audit::{NewOperation, Requester};
 use crate::store::WriteBatch;
@@ -273,15 +273,7 @@ pub async fn cancel(
     requester: Requester,
     authority: String,
 ) -> Result<JobInfo, ApiError> {
-    let order = d
-        .jobs
-        .lock()
-        .expect("jobs lock")
-        .get(id)
-        .ok_or_else(|| no_such_job(id))?
-        .order
-        .clone();
-    let _ordered = order.lock().await;
+    let _ordered = d.ordered(id).await.ok_or_else(|| no_such_job(id))?;
     let (info, record, pidfd, cgroup, frozen, grace_ms) = {
         let mut jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs.get_mut(id).ok_or_else(|| no_such_job(id))?;
@@ -329,14 +321,7 @@ pub async fn cancel(
             "state": {"before": info.state, "after": "killed (when its processes are gone)"}}),
         rollback: "cannot be undone: a delivered signal cannot be taken back".into(),
     };
-    if let Err(e) = d
-        .commit(WriteBatch {
-            jobs: vec![record],
-            ops: vec![op],
-            ..Default::default()
-        })
-        .await
-    {
+    if let Err(e) = d.commit(WriteBatch::job(record, op)).await {
         tracing::error!(job = %id, "job {id}: cannot record the kill: {e}");
     }
     if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {
@@ -360,15 +345,7 @@ pub async fn set_frozen(
     } else {
         (JobState::Frozen, JobState::Running)
     };
-    let order = d
-        .jobs
-        .lock()
-        .expect("jobs lock")
-        .get(id)
-        .ok_or_else(|| no_such_job(id))?
-        .order
-        .clone();
-    let _ordered = order.lock().await;
+    let _ordered = d.ordered(id).await.ok_or_else(|| no_such_job(id))?;
     let cgroup = {
         let jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs.get(id).ok_or_else(|| no_such_job(id))?;
@@ -417,13 +394,9 @@ pub async fn set_frozen(
         change: serde_json::json!({"job": id, "state": {"before": from, "after": to}}),
         rollback: undo,
     };
-    d.commit(WriteBatch {
-        jobs: vec![record],
-        ops: vec![op],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    d.commit(WriteBatch::job(record, op))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     d.events
         .emit(kind, Some(id), info.lease.as_deref(), String::new());
     Ok(info)
@@ -433,15 +406,7 @@ pub async fn set_frozen(
 /// policy grants that.
 pub async fn detach(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<JobInfo, ApiError> {
     check_owner(d, id, &requester, "job.detach").await?;
-    let order = d
-        .jobs
-        .lock()
-        .expect("jobs lock")
-        .get(id)
-        .ok_or_else(|| no_such_job(id))?
-        .order
-        .clone();
-    let _ordered = order.lock().await;
+    let _ordered = d.ordered(id).await.ok_or_else(|| no_such_job(id))?;
     let outcome = {
         // Leases, then jobs: a lease that ends marks itself under its lock before it lists
         // the jobs to cancel, so a job either leaves it before that or finds it ended.
@@ -506,13 +471,9 @@ pub async fn detach(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
             "cannot be undone: a durable job stays durable (agentctl kill {id} ends it)"
         ),
     };
-    d.commit(WriteBatch {
-        jobs: vec![record],
-        ops: vec![op],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    d.commit(WriteBatch::job(record, op))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     d.events.emit(
         EventKind::Detached,
         Some(id),
@@ -559,9 +520,4 @@ pub fn has_ended(d: &Daemon, id: &str) -> bool {
         .expect("jobs lock")
         .get(id)
         .is_none_or(|e| e.info.state.is_terminal())
-}
-
-/// Names the cgroup kill for a log line.
-pub fn grace_text(ms: u64) -> String {
-    human_duration(Duration::from_millis(ms))
 }

@@ -108,13 +108,9 @@ pub async fn take(d: &Daemon, requester: Requester, ttl: &str) -> Result<LeaseIn
         change: serde_json::json!({"lease": lease.id, "state": {"before": null, "after": "active"}, "ttl_ms": lease.ttl_ms}),
         rollback: format!("agentctl lease release {}", lease.id),
     };
-    d.commit(WriteBatch {
-        leases: vec![lease.clone()],
-        ops: vec![op],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    d.commit(WriteBatch::lease(lease.clone(), op))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     d.leases
         .lock()
         .expect("leases lock")
@@ -154,13 +150,9 @@ pub async fn renew(
         change: serde_json::json!({"lease": id, "expires_ms": {"before": before, "after": lease.expires_ms}}),
         rollback: "none needed: the lease expires by itself".into(),
     };
-    d.commit(WriteBatch {
-        leases: vec![lease.clone()],
-        ops: vec![op],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    d.commit(WriteBatch::lease(lease.clone(), op))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     {
         let mut leases = d.leases.lock().expect("leases lock");
         if let Some(l) = leases.get_mut(id).filter(|l| l.state == LeaseState::Active) {
@@ -219,13 +211,9 @@ async fn end(
         change: serde_json::json!({"lease": id, "state": {"before": "active", "after": state.as_str()}, "jobs_cancelled": jobs}),
         rollback: "cannot be undone: take a new lease; the cancelled jobs are gone".into(),
     };
-    d.commit(WriteBatch {
-        leases: vec![lease.clone()],
-        ops: vec![op],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    d.commit(WriteBatch::lease(lease.clone(), op))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     d.events.emit(
         kind,
         None,

@@ -67,6 +67,12 @@ impl Metrics {
     }
 }
 
+/// The HELP and TYPE lines that open a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -90,24 +96,30 @@ pub fn render(d: &Daemon) -> String {
         }
         (by_state, running)
     };
-    let _ = writeln!(out, "# HELP agentd_jobs Jobs this daemon knows, by state.");
-    let _ = writeln!(out, "# TYPE agentd_jobs gauge");
+    family(
+        &mut out,
+        "agentd_jobs",
+        "gauge",
+        "Jobs this daemon knows, by state.",
+    );
     for (s, n) in &by_state {
         let _ = writeln!(out, "agentd_jobs{{state=\"{s}\"}} {n}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP agentd_jobs_ended_total Jobs that ended under this daemon process, by final state."
+    family(
+        &mut out,
+        "agentd_jobs_ended_total",
+        "counter",
+        "Jobs that ended under this daemon process, by final state.",
     );
-    let _ = writeln!(out, "# TYPE agentd_jobs_ended_total counter");
     for (s, n) in m.ended.lock().expect("metrics lock").iter() {
         let _ = writeln!(out, "agentd_jobs_ended_total{{state=\"{s}\"}} {n}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP agentd_spawn_seconds Time from a submit request to the job running (validate, record, allocate, spawn)."
+    family(
+        &mut out,
+        "agentd_spawn_seconds",
+        "histogram",
+        "Time from a submit request to the job running (validate, record, allocate, spawn).",
     );
-    let _ = writeln!(out, "# TYPE agentd_spawn_seconds histogram");
     for (i, b) in BUCKETS.iter().enumerate() {
         let _ = writeln!(
             out,
@@ -123,31 +135,34 @@ pub fn render(d: &Daemon) -> String {
         m.spawn_sum_us.load(Ordering::Relaxed) as f64 / 1e6
     );
     let _ = writeln!(out, "agentd_spawn_seconds_count {count}");
-    let _ = writeln!(
-        out,
-        "# HELP agentd_spawn_failures_total Jobs whose creation pipeline failed."
+    family(
+        &mut out,
+        "agentd_spawn_failures_total",
+        "counter",
+        "Jobs whose creation pipeline failed.",
     );
-    let _ = writeln!(out, "# TYPE agentd_spawn_failures_total counter");
     let _ = writeln!(
         out,
         "agentd_spawn_failures_total {}",
         m.spawn_failures.load(Ordering::Relaxed)
     );
-    let _ = writeln!(
-        out,
-        "# HELP agentd_operations_written_total Operation rows this daemon process wrote."
+    family(
+        &mut out,
+        "agentd_operations_written_total",
+        "counter",
+        "Operation rows this daemon process wrote.",
     );
-    let _ = writeln!(out, "# TYPE agentd_operations_written_total counter");
     let _ = writeln!(
         out,
         "agentd_operations_written_total {}",
         m.operations.load(Ordering::Relaxed)
     );
-    let _ = writeln!(
-        out,
-        "# HELP agentd_denials_total Refused requests, by the rule that refused them."
+    family(
+        &mut out,
+        "agentd_denials_total",
+        "counter",
+        "Refused requests, by the rule that refused them.",
     );
-    let _ = writeln!(out, "# TYPE agentd_denials_total counter");
     for (rule, n) in m.denials.lock().expect("metrics lock").iter() {
         let _ = writeln!(out, "agentd_denials_total{{rule=\"{}\"}} {n}", label(rule));
     }
@@ -171,23 +186,26 @@ pub fn render(d: &Daemon) -> String {
             let _ = writeln!(pids, "agentd_job_pids{{{l}}} {v}");
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP agentd_job_cpu_seconds_total CPU time of a running job's cgroup."
+    family(
+        &mut out,
+        "agentd_job_cpu_seconds_total",
+        "counter",
+        "CPU time of a running job's cgroup.",
     );
-    let _ = writeln!(out, "# TYPE agentd_job_cpu_seconds_total counter");
     out.push_str(&cpu);
-    let _ = writeln!(
-        out,
-        "# HELP agentd_job_memory_bytes Memory in use by a running job's cgroup."
+    family(
+        &mut out,
+        "agentd_job_memory_bytes",
+        "gauge",
+        "Memory in use by a running job's cgroup.",
     );
-    let _ = writeln!(out, "# TYPE agentd_job_memory_bytes gauge");
     out.push_str(&mem);
-    let _ = writeln!(
-        out,
-        "# HELP agentd_job_pids Processes and threads in a running job's cgroup."
+    family(
+        &mut out,
+        "agentd_job_pids",
+        "gauge",
+        "Processes and threads in a running job's cgroup.",
     );
-    let _ = writeln!(out, "# TYPE agentd_job_pids gauge");
     out.push_str(&pids);
     out
 }

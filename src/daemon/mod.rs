@@ -149,6 +149,13 @@ impl Daemon {
         Ok(())
     }
 
+    /// Waits for job `id`'s turn to change (see `JobEntry::order`); None if there is no
+    /// such job in memory. Hold the guard until the change is committed.
+    pub async fn ordered(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let order = self.jobs.lock().expect("jobs lock").get(id)?.order.clone();
+        Some(order.lock_owned().await)
+    }
+
     /// Records one operation with nothing else.
     pub async fn record_op(&self, op: NewOperation) {
         let action = op.action.clone();

@@ -195,13 +195,7 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
         serde_json::json!({"job": id, "state": {"before": "running", "after": state}, "exit": info.exit}),
         "cannot be undone: the job has ended",
     );
-    let _ = d
-        .commit(WriteBatch {
-            jobs: vec![record],
-            ops: vec![op],
-            ..Default::default()
-        })
-        .await;
+    let _ = d.commit(WriteBatch::job(record, op)).await;
     let kind = match state {
         JobState::Lost => EventKind::Lost,
         JobState::Failed => EventKind::Failed,

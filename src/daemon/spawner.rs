@@ -151,7 +151,7 @@ fn send_message(sock: &OwnedFd, bytes: &[u8], fd: Option<RawFd>) -> std::io::Res
     Ok(())
 }
 
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -272,8 +272,10 @@ async fn start(
     options: RunOptions,
     t0: Instant,
 ) -> Result<JobInfo, ApiError> {
-    let order = d.jobs.lock().expect("jobs lock")[id].order.clone();
-    let _ordered = order.lock().await;
+    let _ordered = d
+        .ordered(id)
+        .await
+        .expect("job entry exists while starting");
     let request = SpawnRequest {
         id: id.to_owned(),
         options,
@@ -335,14 +337,7 @@ async fn start(
                     "pid": s.pid, "cgroup": info.cgroup, "spawn_ms": latency.as_secs_f64() * 1e3}),
                 format!("agentctl kill {id}"),
             );
-            if let Err(e) = d
-                .commit(WriteBatch {
-                    jobs: vec![record],
-                    ops: vec![op],
-                    ..Default::default()
-                })
-                .await
-            {
+            if let Err(e) = d.commit(WriteBatch::job(record, op)).await {
                 tracing::error!(job = %id, "job {id}: cannot record its start: {e}");
             }
             d.events.emit(
@@ -388,13 +383,7 @@ async fn start(
                 serde_json::json!({"job": id, "state": {"before": "admitted", "after": "failed"}, "reason": reason}),
                 "nothing to undo: nothing remains of the job",
             );
-            let _ = d
-                .commit(WriteBatch {
-                    jobs: vec![record],
-                    ops: vec![op],
-                    ..Default::default()
-                })
-                .await;
+            let _ = d.commit(WriteBatch::job(record, op)).await;
             d.metrics.ended(JobState::Failed);
             d.events
                 .emit(EventKind::Failed, Some(id), info.lease.as_deref(), reason);

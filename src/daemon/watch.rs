@@ -14,7 +14,8 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// Watches job `id` until it ends. `ours`: this process spawned it (and must reap it);
+/// Watches job `id` until it ends. `ours`: this daemon process started it (false: adopted
+/// after a restart), which the end's operation row says;
 /// `plan`: present for jobs this process spawned, to put setup failures in words.
 pub async fn watch(
     d: Arc<Daemon>,
@@ -56,7 +57,7 @@ pub async fn watch(
                     kill_cgroup(&d, &id).await;
                 } else if deadline.is_some_and(|t| now >= t) {
                     let timeout = d.jobs.lock().expect("jobs lock").get(&id).and_then(|e| e.runtime.timeout_ms).unwrap_or(0);
-                    let reason = format!("timed out after {}", jobs::grace_text(timeout));
+                    let reason = format!("timed out after {}", super::human_duration(Duration::from_millis(timeout)));
                     let _ = jobs::cancel(&d, &id, libc::SIGTERM, None, reason,
                         crate::audit::Requester::daemon(),
                         "the policy's limits.timeout (or --timeout) expired".into()).await;
@@ -144,15 +145,12 @@ pub fn exit_info(exit: &JobExit) -> ExitInfo {
 }
 
 async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Option<&JobPlan>) {
-    // The daemon is a child subreaper: an init whose spawner died is its child now.
-    // Reaping fails harmlessly for an init that is someone else's.
-    let _ = ours;
+    // Jobs are the spawners' children (and the daemon's, as subreaper, once a spawner
+    // died); reaping fails harmlessly for an init that is someone else's.
     let wait = reap(pidfd);
-    let order = match d.jobs.lock().expect("jobs lock").get(id) {
-        Some(e) => e.order.clone(),
-        None => return,
+    let Some(_ordered) = d.ordered(id).await else {
+        return;
     };
-    let _ordered = order.lock().await;
     let (jobdir, rundir, cgroup, cgroup_dirs) = {
         let jobs = d.jobs.lock().expect("jobs lock");
         let e = &jobs[id];
@@ -260,14 +258,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
             "exit": info.exit, "usage": info.usage}),
         "cannot be undone: the job has ended; its cgroup and runtime directory were removed",
     );
-    if let Err(e) = d
-        .commit(WriteBatch {
-            jobs: vec![record],
-            ops: vec![op],
-            ..Default::default()
-        })
-        .await
-    {
+    if let Err(e) = d.commit(WriteBatch::job(record, op)).await {
         tracing::error!(job = %id, "job {id}: cannot record its end: {e}");
     }
     // Recorded: the report now lives in the store, where `inspect` reads it, and no

@@ -115,6 +115,26 @@ pub struct WriteBatch {
     pub ops: Vec<NewOperation>,
 }
 
+impl WriteBatch {
+    /// One job's change and the operation that records it.
+    pub fn job(record: JobRecord, op: NewOperation) -> WriteBatch {
+        WriteBatch {
+            jobs: vec![record],
+            ops: vec![op],
+            ..Default::default()
+        }
+    }
+
+    /// One lease's change and the operation that records it.
+    pub fn lease(lease: LeaseInfo, op: NewOperation) -> WriteBatch {
+        WriteBatch {
+            leases: vec![lease],
+            ops: vec![op],
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create the state directory {}: {source}", .path.display())]
