@@ -17,7 +17,13 @@ pub fn init_logging() {
     {
         let _ = tracing_subscriber::registry()
             .with(filter)
-            .with(journald.with_syslog_identifier("agentd".into()))
+            // No "F_" prefix (the crate's default) on our fields: README and the unit
+            // promise `journalctl -u agentd JOB=ID EVENT=started`.
+            .with(
+                journald
+                    .with_syslog_identifier("agentd".into())
+                    .with_field_prefix(None),
+            )
             .try_init();
         return;
     }
