@@ -377,3 +377,70 @@ print(os.waitstatus_to_exitcode(status))
         serde_json::json!([2])
     );
 }
+
+/// The job's init is inside its cgroup before it runs any job code: born there by
+/// clone3(CLONE_INTO_CGROUP) where the host has cgroup2 (the report says so), moved in
+/// while it waits on a legacy v1 host. The kernel's evidence, two sides of it: from the
+/// host, the job's process is in every cgroup made for the job; from inside, its cgroup
+/// namespace (created by the init before it execs) has that cgroup as its root, so each
+/// line of /proc/self/cgroup reads "/". A process moved in after the namespace was made
+/// would see "/.." paths there.
+#[test]
+fn job_starts_inside_its_cgroup_and_the_report_says_how() {
+    let env = Env::new();
+    let ws = env.workspace("entry", None);
+    let report_path = env.path("entry.json");
+    let child = env.start_until_ready(
+        &ws,
+        &[
+            "run",
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--report",
+            report_path.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup; echo $$ > pid; echo \"$AGENTD_JOB_ID\" > ready; \
+             while [ ! -e go ]; do sleep 0.05; done",
+        ],
+    );
+    let job = std::fs::read_to_string(ws.join("ready")).unwrap();
+    let dirs = cgroups_of(job.trim());
+    assert!(!dirs.is_empty(), "no cgroup named for job {job}");
+    for dir in &dirs {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().count() >= 2,
+            "the job's shell and its init are not both in {}: {procs:?}",
+            dir.display()
+        );
+    }
+    std::fs::write(ws.join("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_ok(&out);
+    env.assert_clean();
+    let lines = stdout(&out);
+    assert!(
+        !lines.is_empty() && lines.lines().all(|l| l.ends_with(":/")),
+        "the job sees a cgroup other than its own namespace root:\n{lines}"
+    );
+    let r = report(&report_path);
+    let host = agentd::cgroup::HostCgroups::detect().expect("cgroups detected");
+    let want = match (host.layout, r["enforced"]["cgroup"]["version"].as_str()) {
+        (agentd::cgroup::Layout::Unified, _) => "clone_into_cgroup",
+        (_, Some("v1")) => "attach",
+        (_, Some(v)) => {
+            assert_eq!(v, "v1+v2", "{r}");
+            "clone_into_cgroup+attach"
+        }
+        (_, None) => panic!("no cgroup version in the report: {r}"),
+    };
+    assert_eq!(r["enforced"]["cgroup"]["entry"], want, "{}", r["enforced"]);
+    assert_eq!(
+        r["enforced"]["cgroup"]["dirs"].as_array().map(Vec::len),
+        Some(dirs.len()),
+        "{}",
+        r["enforced"]
+    );
+}

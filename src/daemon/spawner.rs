@@ -223,17 +223,8 @@ fn spawn_job(req: &SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
     )
     .map_err(|e| format!("start the job: {e}"))?;
     let (pid, pidfd, _status) = child.into_parts();
-    let cgroup_dirs: Vec<String> = alloc
-        .cgroup
-        .dirs()
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    let cgroup_report = report::CgroupReport {
-        version: alloc.cgroup.version().into(),
-        dirs: cgroup_dirs.clone(),
-        limits_applied: alloc.cgroup.applied().into_iter().collect(),
-    };
+    let cgroup_report = report::CgroupReport::of(alloc.cgroup.as_ref());
+    let cgroup_dirs = cgroup_report.dirs.clone();
     let placeholder_exit = report::JobExit::Exited(0);
     let placeholder = job::supervise::Outcome {
         si_code: 0,

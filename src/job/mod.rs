@@ -334,15 +334,7 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     // Exit: account, then remove the cgroup.
     let usage = cgroup.usage();
     let exit = JobExit::from_outcome(&outcome, &plan.sandbox);
-    let cgroup_report = CgroupReport {
-        version: cgroup.version().into(),
-        dirs: cgroup
-            .dirs()
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect(),
-        limits_applied: cgroup.applied().into_iter().collect(),
-    };
+    let cgroup_report = CgroupReport::of(cgroup.as_ref());
     if let Err(e) = cgroup.remove() {
         eprintln!("agentd: job {id}: warning: {e}");
     }

@@ -129,6 +129,32 @@ pub struct CgroupReport {
     pub version: String,
     pub dirs: Vec<String>,
     pub limits_applied: BTreeMap<String, String>,
+    /// How the job's init got into its cgroup, before it ran any job code:
+    /// "clone_into_cgroup" (born there by clone3, cgroup v2), "attach" (moved in by
+    /// the supervisor while it waited, legacy v1), or "clone_into_cgroup+attach"
+    /// (hybrid: born in the v2 cgroup, moved into the v1 controllers' cgroups).
+    pub entry: &'static str,
+}
+
+impl CgroupReport {
+    pub fn of(cgroup: &dyn crate::cgroup::JobCgroup) -> Self {
+        let born = cgroup.clone_into_fd().is_some();
+        let entry = match (born, cgroup.version()) {
+            (true, "v2") => "clone_into_cgroup",
+            (true, _) => "clone_into_cgroup+attach",
+            (false, _) => "attach",
+        };
+        CgroupReport {
+            version: cgroup.version().into(),
+            dirs: cgroup
+                .dirs()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect(),
+            limits_applied: cgroup.applied().into_iter().collect(),
+            entry,
+        }
+    }
 }
 
 #[derive(Serialize)]
