@@ -18,3 +18,4 @@ pub mod spec;
 pub mod store;
 
 pub use error::Error;
+pub mod workspace;

@@ -1,7 +1,8 @@
 //! The new mount API calls agentd uses that neither libc nor nix wraps (open_tree,
-//! move_mount, mount_setattr), with their constants from include/uapi/linux/mount.h.
-//! Shared by the parent (cloning and idmapping the workspace) and the child (moving it
-//! into place, restricting every bind mount).
+//! move_mount, mount_setattr, fsopen, fsconfig, fsmount), with their constants from
+//! include/uapi/linux/mount.h. Shared by the parent (cloning and idmapping the
+//! workspace, making a review overlay) and the child (moving it into place, restricting
+//! every bind mount).
 
 use std::ffi::CStr;
 use std::io;
@@ -92,4 +93,74 @@ pub fn move_tree(tree: RawFd, target: &CStr) -> io::Result<()> {
         )
     })
     .map(drop)
+}
+
+const FSOPEN_CLOEXEC: u32 = 1;
+const FSCONFIG_SET_STRING: u32 = 1;
+const FSCONFIG_CMD_CREATE: u32 = 6;
+const FSMOUNT_CLOEXEC: u32 = 1;
+
+/// A detached mount of a new `fstype` file system configured with `options` (key,
+/// value) pairs: fsopen, fsconfig for each option, create, fsmount. On failure the
+/// error carries the kernel's own message from the fs context log when it has one.
+pub fn new_detached_mount(fstype: &CStr, options: &[(&CStr, &CStr)]) -> io::Result<OwnedFd> {
+    // SAFETY: fsopen with a valid C string; returns a new fd we own.
+    let fs = check(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) })?;
+    // SAFETY: fs is a fresh descriptor from fsopen.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as RawFd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fs);
+    let with_log = |e: io::Error| {
+        let log = fs_context_log(raw);
+        if log.is_empty() {
+            e
+        } else {
+            io::Error::new(e.kind(), format!("{e} ({log})"))
+        }
+    };
+    for (key, value) in options {
+        // SAFETY: key and value are valid C strings for the call.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                raw,
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        })
+        .map_err(with_log)?;
+    }
+    // SAFETY: the create command takes no key or value.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            raw,
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    })
+    .map_err(with_log)?;
+    // SAFETY: fsmount on a created context; returns a new mount fd we own.
+    let mnt = check(unsafe { libc::syscall(libc::SYS_fsmount, raw, FSMOUNT_CLOEXEC, 0) })
+        .map_err(with_log)?;
+    // SAFETY: mnt is a fresh descriptor from fsmount.
+    Ok(unsafe { OwnedFd::from_raw_fd(mnt as RawFd) })
+}
+
+/// The messages the file system left in its context (read(2) on the fsopen fd), joined.
+fn fs_context_log(fs: RawFd) -> String {
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        // SAFETY: reading into a buffer we own, at most its length.
+        let n = unsafe { libc::read(fs, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        lines.push(String::from_utf8_lossy(&buf[..n as usize]).into_owned());
+    }
+    lines.join("; ")
 }

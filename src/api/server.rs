@@ -224,6 +224,9 @@ fn routes(d: Arc<Daemon>) -> Router {
         .route("/v1/jobs/{id}/detach", post(detach))
         .route("/v1/jobs/{id}/wait", get(wait))
         .route("/v1/jobs/{id}/logs", get(logs))
+        .route("/v1/jobs/{id}/diff", get(diff))
+        .route("/v1/jobs/{id}/accept", post(accept))
+        .route("/v1/jobs/{id}/reject", post(reject))
         .route("/v1/events", get(events))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
@@ -383,6 +386,39 @@ async fn detach(
 ) -> ApiResult<JobInfo> {
     let who = peer(&req);
     to_the_end(async move { jobs::detach(&d, &id, who).await })
+        .await
+        .map(axum::Json)
+}
+
+async fn diff(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<DiffResponse> {
+    let who = peer(&req);
+    crate::daemon::review::diff(&d, &id, &who)
+        .await
+        .map(axum::Json)
+}
+
+async fn accept(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<JobInfo> {
+    let who = peer(&req);
+    to_the_end(async move { crate::daemon::review::accept(&d, &id, who).await })
+        .await
+        .map(axum::Json)
+}
+
+async fn reject(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<JobInfo> {
+    let who = peer(&req);
+    to_the_end(async move { crate::daemon::review::reject(&d, &id, who).await })
         .await
         .map(axum::Json)
 }

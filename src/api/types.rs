@@ -27,6 +27,11 @@ pub struct SubmitRequest {
     /// Absolute path of the job's writable workspace (its working directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// How the job gets the workspace: "direct" (writable, the default), "readonly"
+    /// (a borrowed view) or "review" (a unique overlay whose change waits for
+    /// `accept` or `reject`).
+    #[serde(default, skip_serializing_if = "is_direct")]
+    pub workspace_mode: WorkspaceMode,
     /// KEY=VALUE to set in the job's environment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<String>,
@@ -178,6 +183,54 @@ pub struct JobInfo {
     /// Once ended: the same JSON report `agentd run --report` writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<serde_json::Value>,
+    /// A review workspace's state: who decided what about the job's change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewInfo>,
+}
+
+pub use crate::workspace::WorkspaceMode;
+pub use crate::workspace::diff::{Change, ChangeKind};
+
+fn is_direct(m: &WorkspaceMode) -> bool {
+    *m == WorkspaceMode::Direct
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReviewState {
+    /// The job runs (or has not started); its change is not complete.
+    Open,
+    /// The job ended; its change waits for accept or reject.
+    Pending,
+    Accepted,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewInfo {
+    pub state: ReviewState,
+    /// The source directory (the overlay's lower layer).
+    pub source: String,
+    /// Who accepted or rejected the change, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<Requester>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_ms: Option<u64>,
+    /// Entries the accepted change wrote or removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<usize>,
+    /// After accept: the pre-image, the snapshot to return to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+}
+
+/// GET /v1/jobs/{id}/diff
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiffResponse {
+    pub job: String,
+    pub source: String,
+    pub state: ReviewState,
+    pub changes: Vec<Change>,
 }
 
 /// POST /v1/jobs/{id}/kill
@@ -262,6 +315,10 @@ pub enum EventKind {
     LeaseRenewed,
     LeaseReleased,
     LeaseExpired,
+    /// A review workspace's change was applied to its source.
+    Accepted,
+    /// A review workspace's change was discarded.
+    Rejected,
     /// Sent to a follower that fell behind: `detail` says how many events it missed.
     Lagged,
 }

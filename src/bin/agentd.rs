@@ -126,8 +126,9 @@ struct RunArgs {
     /// Directory of operator policies.
     #[arg(long, env = "AGENTD_POLICY_DIR", default_value = agentd::spec::POLICY_DIR, value_name = "DIR")]
     policy_dir: PathBuf,
-    /// Directory the job may write; it appears at the same path and is the working directory.
-    #[arg(long, value_name = "DIR")]
+    /// Directory the job may write; it appears at the same path and is the working
+    /// directory. DIR:ro gives it read-only (a borrowed view).
+    #[arg(long, value_name = "DIR[:ro]")]
     workspace: Option<PathBuf>,
     /// CPU limit in CPUs, fractions allowed (0.5 = half a CPU). Overrides the policy.
     #[arg(long, value_name = "CPUS", allow_negative_numbers = true)]
@@ -197,23 +198,33 @@ fn main() {
         }
     };
     let code = match cli.command {
-        Command::Run(a) => job::run(RunOptions {
-            command: a.command.clone(),
-            policy: a.policy,
-            policy_dir: a.policy_dir,
-            workspace: a.workspace,
-            cpu: a.cpu,
-            memory: a.memory,
-            pids: a.pids,
-            timeout: a.timeout,
-            env: a.env,
-            agent: a.agent,
-            model: a.model,
-            report: a.report,
-            allow_degraded: a.allow_degraded,
-            runtime_dir: a.runtime_dir,
-            cgroup_parent: a.cgroup_parent,
-            policy_text: None,
+        Command::Run(a) => job::run({
+            let (workspace, workspace_mode) = match &a.workspace {
+                Some(w) => {
+                    let (dir, mode) = agentd::workspace::parse_workspace_arg(w);
+                    (Some(dir), mode)
+                }
+                None => (None, Default::default()),
+            };
+            RunOptions {
+                command: a.command.clone(),
+                policy: a.policy,
+                policy_dir: a.policy_dir,
+                workspace,
+                workspace_mode,
+                cpu: a.cpu,
+                memory: a.memory,
+                pids: a.pids,
+                timeout: a.timeout,
+                env: a.env,
+                agent: a.agent,
+                model: a.model,
+                report: a.report,
+                allow_degraded: a.allow_degraded,
+                runtime_dir: a.runtime_dir,
+                cgroup_parent: a.cgroup_parent,
+                policy_text: None,
+            }
         }),
         Command::Serve(a) => agentd::daemon::serve(agentd::daemon::ServeOptions {
             socket: a.socket,

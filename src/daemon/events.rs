@@ -114,6 +114,8 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::LeaseRenewed => "lease-renewed",
         EventKind::LeaseReleased => "lease-released",
         EventKind::LeaseExpired => "lease-expired",
+        EventKind::Accepted => "accepted",
+        EventKind::Rejected => "rejected",
         EventKind::Lagged => "lagged",
     }
 }
@@ -158,6 +160,7 @@ mod tests {
     fn kind_names_match_the_api() {
         for kind in [
             EventKind::LeaseExpired,
+            EventKind::Accepted,
             EventKind::Submitted,
             EventKind::Lagged,
         ] {

@@ -14,6 +14,7 @@ pub mod leases;
 pub mod lifecycle;
 pub mod metrics;
 pub mod recovery;
+pub mod review;
 pub mod spawner;
 pub mod submit;
 pub mod systemd;
@@ -138,6 +139,8 @@ pub struct Daemon {
     pub job_nofile: Option<(u64, u64)>,
     /// The processes jobs are cloned from.
     pub spawners: spawner::SpawnerPool,
+    /// Source directory → the review job holding its one unique handle.
+    pub reviews: Mutex<HashMap<String, String>>,
 }
 
 impl Daemon {
@@ -272,6 +275,14 @@ pub fn serve(opts: ServeOptions) -> i32 {
         .ok()
         .flatten()
         .map(|g| g.gid.as_raw());
+    // The sources undecided review jobs hold (a pending change outlives its job).
+    let reviews = match store.jobs() {
+        Ok(records) => review::held_sources(&records).into_iter().collect(),
+        Err(e) => {
+            eprintln!("agentd serve: cannot read the jobs of the last run: {e}");
+            return 125;
+        }
+    };
     let daemon = Arc::new(Daemon {
         opts,
         store,
@@ -283,6 +294,7 @@ pub fn serve(opts: ServeOptions) -> i32 {
         group_gid,
         job_nofile,
         spawners,
+        reviews: Mutex::new(reviews),
     });
     let code = runtime.block_on(async move {
         if let Err(e) = recovery::recover(&daemon).await {

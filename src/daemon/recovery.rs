@@ -182,6 +182,7 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
         e.info.state = state;
         e.info.reason = Some(reason.clone());
         e.info.ended_ms = Some(now_ms());
+        super::review::job_ended(&mut e.info);
         e.info.pid = None;
         e.info.exit = exit;
         e.info.usage = usage.as_ref().map(super::jobs::usage_info);

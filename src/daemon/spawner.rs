@@ -185,6 +185,9 @@ fn spawn_job(req: &SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
         }
         Ok(())
     };
+    if plan.options.workspace_mode == crate::workspace::WorkspaceMode::Review {
+        plan.review_layers = Some(crate::workspace::ReviewLayers::for_job(&req.state_dir, id));
+    }
     let mut alloc =
         job::allocate(&mut plan, id, &req.runtime_dir, &step_fault).map_err(|e| e.to_string())?;
     let jobdir = req.state_dir.join("jobs").join(id);

@@ -6,7 +6,9 @@
 use super::jobs::{ApiError, deny, who};
 use super::spawner::SpawnRequest;
 use super::{Daemon, JobEntry, JobRuntime, daemon_op, now_ms};
-use crate::api::types::{EventKind, ExitInfo, JobInfo, JobState, SubmitRequest};
+use crate::api::types::{
+    EventKind, ExitInfo, JobInfo, JobState, ReviewInfo, ReviewState, SubmitRequest, WorkspaceMode,
+};
 use crate::audit::{NewOperation, Requester};
 use crate::job::{self, RunOptions, plan::JobPlan};
 use crate::store::WriteBatch;
@@ -60,6 +62,7 @@ pub async fn submit(
         cgroup_parent: d.opts.cgroup_parent.clone(),
         command: req.command.clone(),
         policy_text: req.policy_toml.clone(),
+        workspace_mode: req.workspace_mode,
     };
     let spawn_options = options.clone();
     let t_validate = Instant::now();
@@ -86,6 +89,10 @@ pub async fn submit(
         return Err(ApiError::forbidden(why));
     }
 
+    // A review job's source: the canonical directory (validation resolved it).
+    let review_source = (req.workspace_mode == WorkspaceMode::Review)
+        .then(|| plan.workspace.as_ref().map(|w| w.display().to_string()))
+        .flatten();
     let validate_us = t_validate.elapsed().as_micros();
     // Published: the job exists from here on, in the store and in the table.
     let id = job::new_job_id();
@@ -112,6 +119,14 @@ pub async fn submit(
         reason: None,
         usage: None,
         report: None,
+        review: review_source.clone().map(|source| ReviewInfo {
+            state: ReviewState::Open,
+            source,
+            decided_by: None,
+            decided_ms: None,
+            changes: None,
+            before: None,
+        }),
     };
     let runtime = JobRuntime {
         kill_grace_ms: policy.lifecycle.kill_grace.as_millis() as u64,
@@ -157,7 +172,7 @@ pub async fn submit(
     };
     let order = entry.order.clone();
     let _ordered = order.lock().await;
-    {
+    let unique_conflict = {
         // The lease again, in one step with the insert: a lease that ended since the
         // first check (validation takes a while) would not find this job among its own
         // and never cancel it.
@@ -165,7 +180,24 @@ pub async fn submit(
         if let Some(lease) = &req.lease {
             super::leases::check_usable_in(&leases, lease, &requester)?;
         }
-        d.jobs.lock().expect("jobs lock").insert(id.clone(), entry);
+        // One unique handle per source: claimed with the insert, so two submits on
+        // the same directory cannot both get one.
+        match review_source
+            .as_deref()
+            .map(|source| (source, super::review::claim(d, source, &id)))
+        {
+            Some((source, Err(holder))) => Some(format!(
+                "{source} has a unique review handle already: job {holder}; a second one is refused until that change is accepted or rejected (agentctl accept|reject {holder})"
+            )),
+            _ => {
+                d.jobs.lock().expect("jobs lock").insert(id.clone(), entry);
+                None
+            }
+        }
+    };
+    if let Some(why) = unique_conflict {
+        deny(d, &requester, "job.submit", None, "workspace.unique", &why).await;
+        return Err(ApiError::conflict(why));
     }
     let t_commit = Instant::now();
     let commit = d.commit(batch).await;
@@ -175,6 +207,9 @@ pub async fn submit(
     );
     if let Err(e) = commit {
         d.jobs.lock().expect("jobs lock").remove(&id);
+        if let Some(source) = &review_source {
+            super::review::release(d, source, &id);
+        }
         return Err(ApiError::internal(format!(
             "cannot record the job; nothing was started: {e}"
         )));
@@ -374,6 +409,13 @@ async fn start(
                     signal: None,
                     message: reason.clone(),
                 });
+                // A review job that never ran has no change: its layers go, its
+                // source is free again.
+                if let Some(r) = &mut e.info.review {
+                    r.state = ReviewState::Rejected;
+                    super::review::release(d, &r.source, id);
+                    let _ = crate::workspace::ReviewLayers::for_job(&d.opts.state_dir, id).remove();
+                }
                 (e.info.clone(), e.record())
             };
             let op = daemon_op(

@@ -213,6 +213,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         e.info.state = state;
         e.info.exit = Some(exit_info(&exit));
         e.info.ended_ms = Some(ended);
+        super::review::job_ended(&mut e.info);
         e.info.pid = None;
         e.info.reason = e.runtime.cancel_reason.clone().or_else(|| exit.message());
         e.info.usage = usage.as_ref().map(jobs::usage_info);

@@ -125,6 +125,7 @@ impl JobRuleset {
     pub fn add_policy_rules(
         self,
         paths: &[(PathBuf, Access)],
+        fd_rules: Vec<(std::os::fd::OwnedFd, Access)>,
         tcp_bind: &[u16],
         tcp_connect: &[u16],
     ) -> Result<(), String> {
@@ -135,6 +136,11 @@ impl JobRuleset {
             ruleset = ruleset
                 .add_rule(PathBeneath::new(fd, policy_rights(*access)))
                 .map_err(err("add a Landlock path rule"))?;
+        }
+        for (fd, access) in fd_rules {
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd, policy_rights(access)))
+                .map_err(err("add a Landlock rule for the workspace"))?;
         }
         for port in tcp_bind {
             ruleset = ruleset

@@ -23,6 +23,7 @@ pub use plan::RunOptions;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupLimits};
+use crate::workspace::WorkspaceMode;
 use report::{CgroupReport, JobExit, JobReport};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
@@ -186,12 +187,48 @@ pub fn allocate(
     step_fault(id, "after-cgroup")?;
     // The workspace is cloned here, by root, so the job's user need not be able to reach
     // it through the host's directories; idmapped after clone when its owner differs.
-    let workspace_tree = match &plan.workspace {
-        Some(ws) => Some(spawn::open_workspace_tree(ws).map_err(|e| Error::Pipeline {
-            job: id.to_owned(),
-            step: "clone the workspace mount",
-            message: e.to_string(),
-        })?),
+    // A review workspace is an overlay made here (its upper layer in the daemon's state
+    // directory); a read-only one is the clone, made read-only before the job sees it.
+    let workspace_step = |step: &'static str| {
+        let job = id.to_owned();
+        move |e: String| Error::Pipeline {
+            job,
+            step,
+            message: e,
+        }
+    };
+    let workspace_tree = match (&plan.workspace, plan.options.workspace_mode) {
+        (Some(ws), WorkspaceMode::Review) => {
+            let layers = plan.review_layers.as_ref().ok_or_else(|| {
+                Error::Usage(
+                    "a review workspace is offered by the daemon only: agentctl run --review"
+                        .into(),
+                )
+            })?;
+            layers
+                .create()
+                .map_err(|e| workspace_step("create the review layers")(e.to_string()))?;
+            Some(
+                layers
+                    .mount(ws)
+                    .map_err(|e| workspace_step("mount the review overlay")(e.to_string()))?,
+            )
+        }
+        (Some(ws), mode) => {
+            let tree = spawn::open_workspace_tree(ws)
+                .map_err(|e| workspace_step("clone the workspace mount")(e.to_string()))?;
+            if mode == WorkspaceMode::Readonly {
+                crate::mount_api::mount_setattr(
+                    std::os::fd::AsRawFd::as_raw_fd(&tree),
+                    c"",
+                    libc::AT_EMPTY_PATH as u32 | crate::mount_api::AT_RECURSIVE,
+                    crate::mount_api::MOUNT_ATTR_RDONLY,
+                    None,
+                )
+                .map_err(|e| workspace_step("make the workspace read-only")(e.to_string()))?;
+            }
+            Some(tree)
+        }
         _ => None,
     };
     plan.sandbox.workspace_tree = workspace_tree.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
@@ -213,14 +250,33 @@ pub fn allocate(
             .iter()
             .map(|g| (g.path.clone(), g.access))
             .collect();
-        paths.extend(
-            plan.workspace
-                .iter()
-                .map(|w| (w.clone(), crate::spec::Access::Write)),
-        );
+        // The workspace's rule: on the host path for a bind (the same inodes), on the
+        // overlay's own root for a review handle (the merged view has inodes of its own).
+        let mut fd_rules = Vec::new();
+        match (
+            &plan.workspace,
+            plan.options.workspace_mode,
+            &workspace_tree,
+        ) {
+            (Some(_), WorkspaceMode::Review, Some(tree)) => {
+                let root = tree
+                    .try_clone()
+                    .map_err(|e| workspace_step("open the overlay for Landlock")(e.to_string()))?;
+                fd_rules.push((root, crate::spec::Access::Write));
+            }
+            (Some(w), mode, _) => {
+                let access = match mode {
+                    WorkspaceMode::Readonly => crate::spec::Access::Exec,
+                    _ => crate::spec::Access::Write,
+                };
+                paths.push((w.clone(), access));
+            }
+            _ => {}
+        }
         Some(spawn::LandlockWork {
             ruleset,
             paths,
+            fd_rules,
             tcp_bind: plan.policy.tcp_bind.clone(),
             tcp_connect: plan.policy.tcp_connect.clone(),
         })

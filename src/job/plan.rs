@@ -37,6 +37,10 @@ pub struct RunOptions {
     pub command: Vec<String>,
     /// An inline policy (the daemon's API), used instead of looking `policy` up.
     pub policy_text: Option<String>,
+    /// How the workspace is given to the job (direct, read-only, or a review overlay,
+    /// which only the daemon offers).
+    #[serde(default)]
+    pub workspace_mode: crate::workspace::WorkspaceMode,
 }
 
 /// The ids the job runs under.
@@ -71,6 +75,8 @@ pub struct JobPlan {
     pub landlock_dropped: Vec<String>,
     pub degraded: Vec<Degradation>,
     pub sandbox: SandboxPlan,
+    /// Where a review workspace's layers go (set by the daemon before allocate).
+    pub review_layers: Option<crate::workspace::ReviewLayers>,
 }
 
 fn flag_err(flag: &str, message: impl Into<String>) -> Error {
@@ -170,6 +176,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         }
     }
     let ids = resolve_ids(&policy, workspace.as_deref())?;
+    check_workspace_mode(&options, workspace.as_deref(), &ids)?;
     let env = build_env(&policy, &options, workspace.as_deref())?;
 
     // Fail closed: what the policy needs and the kernel lacks is refused, unless the
@@ -251,6 +258,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         landlock_abi,
         degraded,
         sandbox,
+        review_layers: None,
     })
 }
 
@@ -278,6 +286,33 @@ fn validate_workspace(w: &Path) -> Result<PathBuf, Error> {
         ));
     }
     Ok(path)
+}
+
+/// A read-only or review workspace needs a workspace; a review overlay cannot be
+/// idmapped (overlayfs does not allow it), so the job must run as the directory's owner.
+fn check_workspace_mode(
+    options: &RunOptions,
+    workspace: Option<&Path>,
+    ids: &JobIds,
+) -> Result<(), Error> {
+    use crate::workspace::WorkspaceMode;
+    match (options.workspace_mode, workspace) {
+        (WorkspaceMode::Direct, _) => Ok(()),
+        (mode, None) => Err(flag_err(
+            "--workspace",
+            format!("a {} workspace needs a directory", mode.name()),
+        )),
+        (WorkspaceMode::Review, Some(ws)) if ids.workspace_idmapped => Err(flag_err(
+            "--workspace",
+            format!(
+                "{} belongs to uid {} but the job would run as uid {}: a review workspace is an overlay, which cannot be idmapped, so the job must run as the directory's owner (make a non-root user own it, or set user.uid in the policy to its owner)",
+                ws.display(),
+                ids.uid,
+                ids.host_uid
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn describe_io(e: &std::io::Error) -> String {

@@ -137,6 +137,8 @@ pub fn open_workspace_tree(workspace: &Path) -> Result<OwnedFd, SpawnError> {
 pub struct LandlockWork {
     pub ruleset: JobRuleset,
     pub paths: Vec<(PathBuf, Access)>,
+    /// Rules on objects that have no host path (a review workspace's overlay root).
+    pub fd_rules: Vec<(OwnedFd, Access)>,
     pub tcp_bind: Vec<u16>,
     pub tcp_connect: Vec<u16>,
 }
@@ -263,7 +265,12 @@ pub fn spawn(
     // shared ruleset, the v1 cgroups; then let the child go on to exec.
     if let Some(work) = landlock {
         work.ruleset
-            .add_policy_rules(&work.paths, &work.tcp_bind, &work.tcp_connect)
+            .add_policy_rules(
+                &work.paths,
+                work.fd_rules,
+                &work.tcp_bind,
+                &work.tcp_connect,
+            )
             .map_err(SpawnError::Landlock)?;
     }
     cgroup.attach(child.pid)?;

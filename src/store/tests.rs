@@ -33,6 +33,7 @@ fn job(id: &str, state: JobState, submitted_ms: u64) -> JobRecord {
             reason: None,
             usage: None,
             report: None,
+            review: None,
         },
         runtime: json!({"cgroup_dir": "/sys/fs/cgroup/agentd/j1", "pidfd": null}),
     }

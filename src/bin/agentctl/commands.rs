@@ -11,7 +11,7 @@ use crate::output::{age, bytes, clock, now_ms, shell_join, table, until};
 use crate::run::{exit_status, wait_until_ended};
 use crate::{Fail, emit, emit_json};
 
-fn job_path(id: &str) -> String {
+pub fn job_path(id: &str) -> String {
     format!("/v1/jobs/{}", encode(id))
 }
 
@@ -87,6 +87,16 @@ fn describe(j: &JobInfo, now: u64) -> String {
     ];
     if let Some(ws) = &j.workspace {
         lines.push(("workspace", ws.clone()));
+    }
+    if let Some(r) = &j.review {
+        let by = match (&r.decided_by, r.decided_ms) {
+            (Some(who), Some(ms)) => format!(" by uid {} at {}", who.uid, clock(ms)),
+            _ => String::new(),
+        };
+        lines.push((
+            "review",
+            format!("{}{by}", crate::review::review_state_name(r.state)),
+        ));
     }
     lines.push(("lease", lease_cell(j)));
     let r = &j.requester;

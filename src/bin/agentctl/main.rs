@@ -8,6 +8,7 @@
 
 mod commands;
 mod output;
+mod review;
 mod run;
 
 use std::io::Write;
@@ -129,10 +130,23 @@ enum Command {
     Wait { job: String },
     /// Make a job durable: it no longer depends on its lease and outlives its client.
     Detach { job: String },
+    /// Show the change a review job (run --review) made: files added, removed,
+    /// modified and renamed, with a unified diff for text.
+    Diff {
+        job: String,
+        /// Only the list of changed paths, no content.
+        #[arg(long)]
+        stat: bool,
+    },
+    /// Apply a review job's change to its workspace directory. Refused if the directory
+    /// changed since the job started; what it replaces is kept as the way back.
+    Accept { job: String },
+    /// Discard a review job's change; the workspace directory never changed.
+    Reject { job: String },
     /// Print lifecycle events, one line each: TIME SEQ KIND JOB DETAIL.
     #[command(
         after_help = "Kinds: submitted admitted started frozen thawed exited killed failed lost adopted\n\
-        detached denied lease-taken lease-renewed lease-released lease-expired lagged\n\n\
+        detached denied lease-taken lease-renewed lease-released lease-expired accepted rejected lagged\n\n\
         Examples:\n  agentctl events -f --job JOB\n  agentctl events --kind exited,failed --since 100"
     )]
     Events {
@@ -246,6 +260,9 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
         Command::Freeze { job } => c::job_action(client, &job, "freeze", json).await,
         Command::Thaw { job } => c::job_action(client, &job, "thaw", json).await,
         Command::Detach { job } => c::job_action(client, &job, "detach", json).await,
+        Command::Diff { job, stat } => review::diff(client, &job, stat, json).await,
+        Command::Accept { job } => review::decide(client, &job, "accept", json).await,
+        Command::Reject { job } => review::decide(client, &job, "reject", json).await,
         Command::Wait { job } => c::wait(client, &job, json).await,
         Command::Events {
             follow,

@@ -26,8 +26,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub policy_file: Option<PathBuf>,
     /// Directory the job may write; its working directory (made absolute here).
-    #[arg(long, value_name = "DIR")]
+    /// DIR:ro gives it read-only (a borrowed view).
+    #[arg(long, value_name = "DIR[:ro]")]
     pub workspace: Option<PathBuf>,
+    /// Give the job a unique overlay of --workspace instead of the directory: the
+    /// directory does not change while the job runs, and its change waits for
+    /// `agentctl diff`, `accept` or `reject`.
+    #[arg(long, requires = "workspace")]
+    pub review: bool,
     /// Set KEY=VALUE in the job's environment, or pass KEY with agentctl's own value.
     /// Repeatable.
     #[arg(long = "env", value_name = "KEY[=VALUE]")]
@@ -145,7 +151,23 @@ fn submit_request(
         ),
         None => None,
     };
-    let workspace = match &args.workspace {
+    let (workspace_arg, mut workspace_mode) = match &args.workspace {
+        Some(w) => {
+            let (dir, mode) = agentd::workspace::parse_workspace_arg(w);
+            (Some(dir), mode)
+        }
+        None => (None, Default::default()),
+    };
+    if args.review {
+        if workspace_mode == agentd::workspace::WorkspaceMode::Readonly {
+            return Err(Fail(
+                "--review gives the job a writable overlay; it does not go with --workspace DIR:ro"
+                    .into(),
+            ));
+        }
+        workspace_mode = agentd::workspace::WorkspaceMode::Review;
+    }
+    let workspace = match &workspace_arg {
         Some(dir) => {
             let abs = std::path::absolute(dir)
                 .map_err(|e| Fail(format!("workspace {}: {e}", dir.display())))?;
@@ -177,6 +199,7 @@ fn submit_request(
         policy: args.policy.clone(),
         policy_toml,
         workspace,
+        workspace_mode,
         env,
         cpu: args.cpu.clone(),
         memory: args.memory.clone(),

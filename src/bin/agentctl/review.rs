@@ -1,0 +1,99 @@
+//! `agentctl diff`, `accept` and `reject`: a review job's change, shown and decided.
+
+use agentd::api::client::Client;
+use agentd::api::types::{ChangeKind, DiffResponse, JobInfo, ReviewState};
+
+use crate::commands::job_path;
+use crate::{Fail, emit, emit_json};
+
+/// `diff`: a review job's change, for people (a summary line per entry, then the
+/// unified diffs) or as JSON.
+pub async fn diff(client: &Client, id: &str, stat: bool, json: bool) -> Result<i32, Fail> {
+    let d: DiffResponse = client.get(&format!("{}/diff", job_path(id))).await?;
+    if json {
+        emit_json(&d)?;
+        return Ok(0);
+    }
+    let mut out = format!(
+        "job {}: {} change(s) to {} ({})\n",
+        d.job,
+        d.changes.len(),
+        d.source,
+        review_state_name(d.state)
+    );
+    for c in &d.changes {
+        let what = match (c.kind, &c.from) {
+            (ChangeKind::Renamed, Some(from)) => format!("renamed  {from} -> {}", c.path),
+            (ChangeKind::Added, _) => format!("added    {}", c.path),
+            (ChangeKind::Removed, _) => format!("removed  {}", c.path),
+            _ => format!("modified {}", c.path),
+        };
+        let mut notes = Vec::new();
+        if c.file_type != "file" {
+            notes.push(c.file_type.clone());
+        }
+        if let Some(t) = &c.target {
+            notes.push(format!("-> {t}"));
+        }
+        if let (Some(a), Some(b)) = (c.mode_before, c.mode_after)
+            && a != b
+        {
+            notes.push(format!("mode {a:o} -> {b:o}"));
+        }
+        if c.binary {
+            notes.push(format!("binary or large, {} bytes", c.size.unwrap_or(0)));
+        }
+        if notes.is_empty() {
+            out.push_str(&format!("  {what}\n"));
+        } else {
+            out.push_str(&format!("  {what} ({})\n", notes.join(", ")));
+        }
+    }
+    if !stat {
+        for c in &d.changes {
+            if let Some(text) = &c.diff {
+                out.push('\n');
+                out.push_str(text);
+            }
+        }
+    }
+    emit(&out)?;
+    Ok(0)
+}
+
+pub fn review_state_name(s: ReviewState) -> &'static str {
+    match s {
+        ReviewState::Open => "job still running",
+        ReviewState::Pending => "pending review",
+        ReviewState::Accepted => "accepted",
+        ReviewState::Rejected => "rejected",
+    }
+}
+
+/// `accept` / `reject`.
+pub async fn decide(client: &Client, id: &str, action: &str, json: bool) -> Result<i32, Fail> {
+    let job: JobInfo = client
+        .post_empty(&format!("{}/{action}", job_path(id)))
+        .await?;
+    if json {
+        emit_json(&job)?;
+        return Ok(0);
+    }
+    let review = job.review.as_ref();
+    let line = match (action, review) {
+        ("accept", Some(r)) => format!(
+            "job {}: change accepted into {} ({} entries); what it replaced is in {}\n",
+            job.id,
+            r.source,
+            r.changes.unwrap_or(0),
+            r.before.as_deref().unwrap_or("?")
+        ),
+        (_, Some(r)) => format!(
+            "job {}: change rejected; {} is as it was\n",
+            job.id, r.source
+        ),
+        _ => format!("job {}: {action}ed\n", job.id),
+    };
+    emit(&line)?;
+    Ok(0)
+}

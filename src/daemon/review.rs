@@ -1,0 +1,328 @@
+//! Review workspaces over the API: a job given `workspace_mode: review` works on a
+//! unique overlay of its source directory; after it ends its change is shown (diff),
+//! applied (accept) or thrown away (reject). One live unique handle per source: a
+//! second review job on the same directory is refused until the first is decided.
+
+use super::jobs::{ApiError, check_owner, deny, who};
+use super::{Daemon, now_ms};
+use crate::api::types::{DiffResponse, EventKind, JobInfo, ReviewInfo, ReviewState};
+use crate::audit::{NewOperation, Requester};
+use crate::store::{JobRecord, WriteBatch};
+use crate::workspace::{ReviewLayers, apply, diff};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How many changed source entries a refusal names.
+const MOVED_ON_SHOWN: usize = 10;
+
+/// Claims `source` for job `id`; the job holding it if another does.
+pub fn claim(d: &Daemon, source: &str, id: &str) -> Result<(), String> {
+    let mut reviews = d.reviews.lock().expect("reviews lock");
+    match reviews.get(source) {
+        Some(holder) if holder != id => Err(holder.clone()),
+        _ => {
+            reviews.insert(source.to_owned(), id.to_owned());
+            Ok(())
+        }
+    }
+}
+
+/// Gives `source` up (the change was decided, or the job never started).
+pub fn release(d: &Daemon, source: &str, id: &str) {
+    let mut reviews = d.reviews.lock().expect("reviews lock");
+    if reviews.get(source).is_some_and(|j| j == id) {
+        reviews.remove(source);
+    }
+}
+
+/// The sources held by undecided review jobs, from the store (at start-up).
+pub fn held_sources(records: &[JobRecord]) -> Vec<(String, String)> {
+    records
+        .iter()
+        .filter_map(|r| {
+            let review = r.info.review.as_ref()?;
+            matches!(review.state, ReviewState::Open | ReviewState::Pending)
+                .then(|| (review.source.clone(), r.info.id.clone()))
+        })
+        .collect()
+}
+
+/// A job's end makes its change complete: open → pending.
+pub fn job_ended(info: &mut JobInfo) {
+    if let Some(r) = &mut info.review
+        && r.state == ReviewState::Open
+    {
+        r.state = ReviewState::Pending;
+    }
+}
+
+/// The job's record (memory first, then the store) with its review, which must be
+/// pending for accept and reject.
+fn load(d: &Daemon, id: &str) -> Result<(JobRecord, ReviewInfo), ApiError> {
+    let in_memory = d
+        .jobs
+        .lock()
+        .expect("jobs lock")
+        .get(id)
+        .map(|e| e.record());
+    let record = match in_memory {
+        Some(r) => r,
+        None => d
+            .store
+            .job(id)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?,
+    };
+    let review = record.info.review.clone().ok_or_else(|| {
+        ApiError::conflict(format!(
+            "job {id} has no review workspace (submit it with workspace_mode \"review\": agentctl run --review)"
+        ))
+    })?;
+    Ok((record, review))
+}
+
+async fn owner_or_root(
+    d: &Daemon,
+    record: &JobRecord,
+    requester: &Requester,
+    action: &str,
+) -> Result<(), ApiError> {
+    if requester.uid == 0 || requester.uid == record.info.requester.uid {
+        return Ok(());
+    }
+    if d.jobs
+        .lock()
+        .expect("jobs lock")
+        .contains_key(&record.info.id)
+    {
+        return check_owner(d, &record.info.id, requester, action).await;
+    }
+    let why = format!(
+        "job {} was submitted by uid {}; only that user or root may decide its change",
+        record.info.id, record.info.requester.uid
+    );
+    deny(
+        d,
+        requester,
+        action,
+        Some(&record.info.id),
+        "job ownership",
+        &why,
+    )
+    .await;
+    Err(ApiError::forbidden(why))
+}
+
+/// GET /v1/jobs/{id}/diff
+pub async fn diff(
+    d: &Arc<Daemon>,
+    id: &str,
+    requester: &Requester,
+) -> Result<DiffResponse, ApiError> {
+    let (record, review) = load(d, id)?;
+    owner_or_root(d, &record, requester, "workspace.diff").await?;
+    let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
+    let changes = match review.state {
+        ReviewState::Open | ReviewState::Pending => {
+            let (source, upper) = (review.source.clone(), layers.upper());
+            tokio::task::spawn_blocking(move || diff::scan(source.as_ref(), &upper))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .map_err(|e| ApiError::internal(e.to_string()))?
+        }
+        state => {
+            return Err(ApiError::conflict(format!(
+                "job {id}'s change was {} already; there is nothing left to show",
+                state_name(state)
+            )));
+        }
+    };
+    Ok(DiffResponse {
+        job: id.to_owned(),
+        source: review.source,
+        state: review.state,
+        changes,
+    })
+}
+
+fn state_name(s: ReviewState) -> &'static str {
+    match s {
+        ReviewState::Open => "open",
+        ReviewState::Pending => "pending",
+        ReviewState::Accepted => "accepted",
+        ReviewState::Rejected => "rejected",
+    }
+}
+
+fn pending(id: &str, review: &ReviewInfo) -> Result<(), ApiError> {
+    match review.state {
+        ReviewState::Pending => Ok(()),
+        ReviewState::Open => Err(ApiError::conflict(format!(
+            "job {id} is still running: its change is complete only when it ends (agentctl wait {id})"
+        ))),
+        s => Err(ApiError::conflict(format!(
+            "job {id}'s change was {} already",
+            state_name(s)
+        ))),
+    }
+}
+
+/// POST /v1/jobs/{id}/accept: applies the change to the source directory.
+pub async fn accept(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<JobInfo, ApiError> {
+    let _ordered = d.ordered(id).await;
+    let (mut record, review) = load(d, id)?;
+    owner_or_root(d, &record, &requester, "workspace.accept").await?;
+    pending(id, &review)?;
+    let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
+    // The source may not have changed since the job was submitted: the job saw it
+    // live through the overlay, and the change was made against that state. ctime is
+    // kept by the kernel at a coarse clock, so the bound is taken a little early:
+    // a false alarm is possible within those 20 ms, a missed change is not.
+    let since =
+        UNIX_EPOCH + Duration::from_millis(record.info.submitted_ms) - Duration::from_millis(20);
+    let source = review.source.clone();
+    let (upper, before) = (layers.upper(), layers.before());
+    let outcome = tokio::task::spawn_blocking(move || -> Result<Result<apply::Applied, String>, ApiError> {
+        let moved = apply::changed_since(source.as_ref(), since, MOVED_ON_SHOWN)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if !moved.is_empty() {
+            return Ok(Err(format!(
+                "{source} changed since the job started (ctime after {}): {}{}; the job's change was made against an older state and is not applied (agentctl diff shows it; reject it, or run the job again)",
+                humantime_ms(since),
+                moved.join(", "),
+                if moved.len() >= MOVED_ON_SHOWN { ", ..." } else { "" }
+            )));
+        }
+        let changes = diff::scan(source.as_ref(), &upper).map_err(|e| ApiError::internal(e.to_string()))?;
+        match apply::apply(source.as_ref(), &upper, &changes, &before) {
+            Ok(a) => Ok(Ok(a)),
+            Err(crate::workspace::WorkspaceError::Refused(why)) => Ok(Err(why)),
+            Err(e) => Err(ApiError::internal(format!("applying the change failed part way: {e}; what it replaced is in {}", before.display()))),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    let applied = match outcome {
+        Ok(a) => a,
+        Err(why) => {
+            deny(
+                d,
+                &requester,
+                "workspace.accept",
+                Some(id),
+                "workspace review",
+                &why,
+            )
+            .await;
+            return Err(ApiError::conflict(why));
+        }
+    };
+    // The layers are spent; the pre-image stays, as the way back.
+    let _ = std::fs::remove_dir_all(layers.upper());
+    let _ = std::fs::remove_dir_all(layers.work());
+    let decided = ReviewInfo {
+        state: ReviewState::Accepted,
+        decided_by: Some(requester.clone()),
+        decided_ms: Some(now_ms()),
+        changes: Some(applied.changes),
+        before: Some(applied.before.display().to_string()),
+        ..review.clone()
+    };
+    let op = NewOperation {
+        requester: requester.clone(),
+        action: "workspace.accept".into(),
+        target: Some(id.to_owned()),
+        authority: format!(
+            "{} may decide job {id}'s change ({}); the source has not changed since the job started",
+            who(&requester),
+            if requester.uid == 0 {
+                "root"
+            } else {
+                "its submitter"
+            }
+        ),
+        change: serde_json::json!({
+            "job": id, "source": review.source, "review": {"before": "pending", "after": "accepted"},
+            "entries": applied.changes, "created": applied.created,
+        }),
+        rollback: format!(
+            "return {} to the snapshot {}: copy its entries back over the source and delete the paths its .agentd-preimage.json lists as created",
+            review.source,
+            applied.before.display()
+        ),
+    };
+    finish(d, id, &mut record, decided, op, EventKind::Accepted).await
+}
+
+/// POST /v1/jobs/{id}/reject: discards the change; the source never changed.
+pub async fn reject(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<JobInfo, ApiError> {
+    let _ordered = d.ordered(id).await;
+    let (mut record, review) = load(d, id)?;
+    owner_or_root(d, &record, &requester, "workspace.reject").await?;
+    pending(id, &review)?;
+    let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
+    let layers_dir = layers.dir.clone();
+    tokio::task::spawn_blocking(move || layers.remove())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let decided = ReviewInfo {
+        state: ReviewState::Rejected,
+        decided_by: Some(requester.clone()),
+        decided_ms: Some(now_ms()),
+        ..review.clone()
+    };
+    let op = NewOperation {
+        requester: requester.clone(),
+        action: "workspace.reject".into(),
+        target: Some(id.to_owned()),
+        authority: format!(
+            "{} may decide job {id}'s change ({})",
+            who(&requester),
+            if requester.uid == 0 {
+                "root"
+            } else {
+                "its submitter"
+            }
+        ),
+        change: serde_json::json!({
+            "job": id, "source": review.source, "review": {"before": "pending", "after": "rejected"},
+            "discarded": layers_dir.display().to_string(),
+        }),
+        rollback: format!(
+            "none needed: {} is the snapshot to return to, and it never changed; the discarded change is gone",
+            review.source
+        ),
+    };
+    finish(d, id, &mut record, decided, op, EventKind::Rejected).await
+}
+
+async fn finish(
+    d: &Arc<Daemon>,
+    id: &str,
+    record: &mut JobRecord,
+    decided: ReviewInfo,
+    op: NewOperation,
+    kind: EventKind,
+) -> Result<JobInfo, ApiError> {
+    record.info.review = Some(decided.clone());
+    d.commit(WriteBatch::job(record.clone(), op))
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot record the decision: {e}")))?;
+    if let Some(e) = d.jobs.lock().expect("jobs lock").get_mut(id) {
+        e.info.review = Some(decided.clone());
+    }
+    release(d, &decided.source, id);
+    d.events.emit(
+        kind,
+        Some(id),
+        record.info.lease.as_deref(),
+        decided.source.clone(),
+    );
+    Ok(record.info.clone())
+}
+
+fn humantime_ms(t: SystemTime) -> String {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{ms} ms since the epoch")
+}

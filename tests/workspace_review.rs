@@ -1,0 +1,489 @@
+//! Review workspaces (`agentctl run --review`): a unique overlay handle on a directory
+//! whose change waits for `agentctl diff`, `accept` or `reject`; and the read-only,
+//! borrowed view (`--workspace DIR:ro`). Real overlays on the real kernel, a real
+//! daemon (see `common::daemon`).
+
+mod common;
+
+use common::daemon::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The unprivileged owner of the test workspaces (the job runs as its owner).
+const OWNER: u32 = 1000;
+
+/// Everything below `root`: relative path → (type, mode, content or link target).
+fn tree(root: &Path) -> BTreeMap<String, (String, u32, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(&rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let r = rel.join(&n);
+            let p = root.join(&r);
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let key = r.display().to_string();
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(
+                    key,
+                    ("symlink".into(), 0, t.into_os_string().into_encoded_bytes()),
+                );
+            } else if m.is_dir() {
+                out.insert(key, ("dir".into(), m.mode() & 0o7777, Vec::new()));
+                stack.push(r);
+            } else {
+                out.insert(
+                    key,
+                    ("file".into(), m.mode() & 0o7777, std::fs::read(&p).unwrap()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A source directory owned by OWNER with a few files, a subdirectory and a large
+/// binary file.
+fn make_source(d: &TestDaemon, name: &str) -> PathBuf {
+    let src = d.path(name);
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("edit.txt"), "one\ntwo\nthree\n").unwrap();
+    std::fs::write(src.join("gone.txt"), "to be deleted\n").unwrap();
+    std::fs::write(src.join("sub/moved.txt"), "moved content\n").unwrap();
+    std::fs::write(src.join("script.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(src.join("big.bin"), &big).unwrap();
+    chown_tree(&src);
+    // Accept refuses a change to a source changed from 20 ms before the job's
+    // submission on (ctime is kept at a coarse clock): let that window pass.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    src
+}
+
+fn chown_tree(root: &Path) {
+    let status = std::process::Command::new("chown")
+        .args(["-R", &format!("{OWNER}:{OWNER}")])
+        .arg(root)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Runs a review job to its end; returns its id.
+fn review_job(d: &TestDaemon, src: &Path, script: &str) -> String {
+    let o = d.ctl(&[
+        "run",
+        "--review",
+        "--workspace",
+        src.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let jobs = d.jobs();
+    let last = jobs.last().expect("a job");
+    str_of(last, "id").to_owned()
+}
+
+fn diff(d: &TestDaemon, id: &str) -> Value {
+    let r = d.get(&format!("/v1/jobs/{id}/diff"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn change<'a>(diff: &'a Value, path: &str) -> &'a Value {
+    diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == path)
+        .unwrap_or_else(|| panic!("no change to {path} in {diff}"))
+}
+
+const EDITS: &str = "set -e
+printf 'one\\nTWO\\nthree\\nfour\\n' > edit.txt
+rm gone.txt
+mv sub/moved.txt sub/renamed.txt
+echo new > added.txt
+mkdir -p newdir/deep && echo deep > newdir/deep/file.txt
+chmod 755 script.sh
+ln -s edit.txt alias
+head -c 1048576 /dev/zero >> big.bin";
+
+#[test]
+fn review_holds_the_change_until_accept_which_applies_exactly_it() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let before = tree(&src);
+    let id = review_job(&d, &src, EDITS);
+
+    // The job ran in an overlay: the source has not changed at all.
+    assert_eq!(tree(&src), before, "the source changed before accept");
+    let j = d.job(&id);
+    assert_eq!(j["review"]["state"], "pending", "{j}");
+
+    let df = diff(&d, &id);
+    assert_eq!(df["state"], "pending");
+    let e = change(&df, "edit.txt");
+    assert_eq!(e["kind"], "modified");
+    let text = e["diff"].as_str().unwrap();
+    assert!(
+        text.contains("-two\n+TWO\n") && text.contains("+four\n"),
+        "{text}"
+    );
+    assert_eq!(change(&df, "gone.txt")["kind"], "removed");
+    let r = change(&df, "sub/renamed.txt");
+    assert_eq!(
+        (&r["kind"], &r["from"]),
+        (&"renamed".into(), &"sub/moved.txt".into()),
+        "{r}"
+    );
+    assert_eq!(change(&df, "added.txt")["kind"], "added");
+    assert_eq!(change(&df, "newdir")["file_type"], "dir");
+    assert_eq!(change(&df, "newdir/deep/file.txt")["kind"], "added");
+    let s = change(&df, "script.sh");
+    assert_eq!(
+        (s["mode_before"].as_u64(), s["mode_after"].as_u64()),
+        (Some(0o644), Some(0o755)),
+        "{s}"
+    );
+    assert_eq!(change(&df, "alias")["target"], "edit.txt");
+    let b = change(&df, "big.bin");
+    assert_eq!(b["binary"], true, "{b}");
+    assert_eq!(b["size"], 4 * 1024 * 1024);
+    assert_eq!(df["changes"].as_array().unwrap().len(), 10, "{df}");
+    // Human form too.
+    let human = d.ctl_ok(&["diff", &id]);
+    assert!(
+        human.contains("renamed  sub/moved.txt -> sub/renamed.txt"),
+        "{human}"
+    );
+
+    let o = d.ctl(&["accept", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+
+    // Exactly the change, nothing else.
+    let mut want = before.clone();
+    want.get_mut("edit.txt").unwrap().2 = b"one\nTWO\nthree\nfour\n".to_vec();
+    want.remove("gone.txt");
+    let moved = want.remove("sub/moved.txt").unwrap();
+    want.insert("sub/renamed.txt".into(), moved);
+    want.insert(
+        "added.txt".into(),
+        ("file".into(), 0o644, b"new\n".to_vec()),
+    );
+    want.insert("newdir".into(), ("dir".into(), 0o755, Vec::new()));
+    want.insert("newdir/deep".into(), ("dir".into(), 0o755, Vec::new()));
+    want.insert(
+        "newdir/deep/file.txt".into(),
+        ("file".into(), 0o644, b"deep\n".to_vec()),
+    );
+    want.get_mut("script.sh").unwrap().1 = 0o755;
+    want.insert("alias".into(), ("symlink".into(), 0, b"edit.txt".to_vec()));
+    want.get_mut("big.bin")
+        .unwrap()
+        .2
+        .extend(std::iter::repeat_n(0u8, 1024 * 1024));
+    let got = tree(&src);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &want {
+        assert_eq!(&got[k], v, "{k} differs after accept");
+    }
+    // Files the change wrote belong to the source's owner.
+    assert_eq!(
+        std::fs::metadata(src.join("added.txt")).unwrap().uid(),
+        OWNER
+    );
+
+    let j = d.job(&id);
+    assert_eq!(j["review"]["state"], "accepted", "{j}");
+    assert_eq!(j["review"]["decided_by"]["uid"], 0, "{j}");
+    let before_dir = j["review"]["before"].as_str().unwrap().to_owned();
+    // The pre-image holds what was replaced or removed.
+    assert_eq!(
+        std::fs::read(Path::new(&before_dir).join("gone.txt")).unwrap(),
+        b"to be deleted\n"
+    );
+    assert_eq!(
+        std::fs::read(Path::new(&before_dir).join("edit.txt")).unwrap(),
+        b"one\ntwo\nthree\n"
+    );
+    let row = d
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "workspace.accept")
+        .expect("an operation row for the accept");
+    assert_eq!(row["target"], id.as_str());
+    assert!(str_of(&row, "rollback").contains(&before_dir), "{row}");
+    // Decided once.
+    let r = d.post(&format!("/v1/jobs/{id}/accept"), "");
+    assert!(r.error(409).contains("accepted already"));
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e["kind"] == "accepted" && e["job"] == id.as_str())
+    );
+}
+
+#[test]
+fn reject_discards_the_change_and_the_source_never_changed() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let before = tree(&src);
+    let id = review_job(&d, &src, EDITS);
+    let o = d.ctl(&["reject", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(tree(&src), before);
+    assert!(
+        !d.state_dir().join("workspaces").join(&id).exists(),
+        "the rejected change's layers are still there"
+    );
+    let j = d.job(&id);
+    assert_eq!(j["review"]["state"], "rejected", "{j}");
+    let row = d
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "workspace.reject")
+        .expect("an operation row for the reject");
+    assert!(
+        str_of(&row, "rollback").contains(src.to_str().unwrap()),
+        "{row}"
+    );
+    let r = d.get(&format!("/v1/jobs/{id}/diff"));
+    assert!(r.error(409).contains("rejected already"));
+}
+
+fn second(d: &TestDaemon, src: &Path) -> std::process::Output {
+    d.ctl(&[
+        "run",
+        "--review",
+        "--workspace",
+        src.to_str().unwrap(),
+        "--",
+        "true",
+    ])
+}
+
+#[test]
+fn a_second_unique_handle_on_a_source_is_refused_until_the_first_is_decided() {
+    let mut d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let first = d.run_detached(
+        &["--review", "--workspace", src.to_str().unwrap()],
+        &["sh", "-c", "echo first > mine.txt; sleep 600"],
+    );
+    let o = second(&d, &src);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        err_text(&o).contains(&format!("unique review handle already: job {first}")),
+        "{}",
+        show(&o)
+    );
+    // Still held once the first job has ended (its change is pending), and across a
+    // daemon restart.
+    d.ctl_ok(&["kill", "--grace", "0s", &first]);
+    d.wait_ended(&first);
+    d.sigkill();
+    d.launch();
+    let o = second(&d, &src);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(err_text(&o).contains(&first), "{}", show(&o));
+    assert!(
+        d.audit().iter().any(|r| r["action"] == "job.submit"
+            && str_of(r, "authority").starts_with("denied by workspace.unique")),
+        "the refusal is not in the operation table"
+    );
+    d.ctl_ok(&["reject", &first]);
+    let o = second(&d, &src);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+}
+
+#[test]
+fn accept_is_refused_when_the_source_changed_under_the_job() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let id = review_job(&d, &src, "echo agent > edit.txt");
+    // Someone edits the source after the job started.
+    std::fs::write(src.join("gone.txt"), "a human's edit\n").unwrap();
+    let o = d.ctl(&["accept", &id]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    let err = err_text(&o);
+    assert!(
+        err.contains("changed since the job started") && err.contains("gone.txt"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(src.join("edit.txt")).unwrap(),
+        b"one\ntwo\nthree\n"
+    );
+    assert_eq!(
+        std::fs::read(src.join("gone.txt")).unwrap(),
+        b"a human's edit\n"
+    );
+    assert_eq!(d.job(&id)["review"]["state"], "pending");
+    d.ctl_ok(&["reject", &id]);
+}
+
+#[test]
+fn symlinks_in_a_change_cannot_make_accept_write_outside_the_source() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let outside = d.path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The job links to /etc and to a host directory and writes through the links.
+    let script = format!(
+        "ln -s /etc etc-link; ln -s {out} out-link; echo x > etc-link/agentd-escape; echo x > out-link/escape; true",
+        out = outside.display()
+    );
+    let id = review_job(&d, &src, &script);
+    // The links stay links; nothing was written through them, inside the job or out.
+    assert!(!Path::new("/etc/agentd-escape").exists());
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+
+    // A doctored upper layer: the source has a symlink to the outside directory, and
+    // the upper layer a directory of that name holding a file, as if the job had
+    // written through the link. (Made before the job, so the source has not "moved on".)
+    d.ctl_ok(&["reject", &id]);
+    std::os::unix::fs::symlink(&outside, src.join("sneaky")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let id = review_job(&d, &src, &script);
+    let upper = d.state_dir().join("workspaces").join(&id).join("upper");
+    std::fs::create_dir(upper.join("sneaky")).unwrap();
+    std::fs::write(upper.join("sneaky/planted"), "planted\n").unwrap();
+    let o = d.ctl(&["accept", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "accept wrote outside the source"
+    );
+    assert!(!Path::new("/etc/agentd-escape").exists());
+    // The links are in the source as links; the planted file replaced the symlink
+    // with a directory inside the source.
+    assert!(
+        std::fs::symlink_metadata(src.join("etc-link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::symlink_metadata(src.join("sneaky"))
+            .unwrap()
+            .is_dir()
+    );
+    assert_eq!(
+        std::fs::read(src.join("sneaky/planted")).unwrap(),
+        b"planted\n"
+    );
+}
+
+#[test]
+fn review_of_a_directory_the_job_cannot_own_is_refused_with_the_reason() {
+    let d = TestDaemon::start(&[]);
+    let src = d.path("root-owned");
+    std::fs::create_dir(&src).unwrap();
+    let o = d.ctl(&[
+        "run",
+        "--review",
+        "--workspace",
+        src.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(err_text(&o).contains("cannot be idmapped"), "{}", show(&o));
+    assert!(
+        !d.state_dir().join("workspaces").exists()
+            || std::fs::read_dir(d.state_dir().join("workspaces"))
+                .unwrap()
+                .count()
+                == 0
+    );
+}
+
+#[test]
+fn a_read_only_workspace_is_a_borrowed_view() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let before = tree(&src);
+    let ro = format!("{}:ro", src.display());
+    let o = d.ctl(&[
+        "run",
+        "--workspace",
+        &ro,
+        "--",
+        "sh",
+        "-c",
+        "cat edit.txt; sh script.sh; echo x > edit.txt",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        out_text(&o).starts_with("one\ntwo\nthree\nhi\n"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        err_text(&o).contains("Read-only file system"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(tree(&src), before);
+}
+
+/// overlayfs' own encodings: a directory removed and made again is opaque in the upper
+/// layer (the source's entries below it are gone), and a file copied up but left as it
+/// was (chmod to its own mode) is no change.
+#[test]
+fn a_replaced_directory_replaces_and_an_untouched_copy_up_is_no_change() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let id = review_job(
+        &d,
+        &src,
+        "set -e; rm -rf sub; mkdir sub; echo fresh > sub/only.txt; chmod 644 edit.txt",
+    );
+    let upper = d.state_dir().join("workspaces").join(&id).join("upper");
+    assert!(
+        upper.join("edit.txt").exists(),
+        "edit.txt was not copied up"
+    );
+    let df = diff(&d, &id);
+    let paths: Vec<(String, String)> = df["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (str_of(c, "path").to_owned(), str_of(c, "kind").to_owned()))
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            ("sub".to_owned(), "removed".to_owned()),
+            ("sub".to_owned(), "added".to_owned()),
+            ("sub/only.txt".to_owned(), "added".to_owned()),
+        ],
+        "{df}"
+    );
+    d.ctl_ok(&["accept", &id]);
+    let names: Vec<_> = std::fs::read_dir(src.join("sub"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["only.txt"]);
+    assert_eq!(
+        std::fs::read(src.join("edit.txt")).unwrap(),
+        b"one\ntwo\nthree\n"
+    );
+}
