@@ -487,3 +487,116 @@ fn a_replaced_directory_replaces_and_an_untouched_copy_up_is_no_change() {
         b"one\ntwo\nthree\n"
     );
 }
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "-C"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("git is installed (.ci/run installs it)");
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `accept --commit` in a git work tree: the commit is authored and signed off by the
+/// accepting user (their git identity; here the repository's own configuration), with
+/// an Assisted-by trailer for the job's agent and model and no Signed-off-by for the
+/// agent; the job's edits to .git (a hook) are not applied and never run.
+#[test]
+fn accept_commit_records_provenance_and_never_takes_git_metadata_from_the_job() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "repo");
+    git(&src, &["init", "-q", "-b", "main"]);
+    git(&src, &["config", "user.name", "Rev Iewer"]);
+    git(&src, &["config", "user.email", "reviewer@example.org"]);
+    git(&src, &["add", "-A"]);
+    git(
+        &src,
+        &["-c", "commit.gpgsign=false", "commit", "-q", "-m", "base"],
+    );
+    chown_tree(&src);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let marker = d.path("hook-ran");
+    let script = format!(
+        "set -e; echo changed >> edit.txt; echo new > new.txt; \
+         printf '#!/bin/sh\\ntouch {m}\\n' > .git/hooks/pre-commit; chmod +x .git/hooks/pre-commit; \
+         git config --file .git/config core.fsmonitor 'touch {m}' 2>/dev/null || true",
+        m = marker.display()
+    );
+    let o = d.ctl(&[
+        "run",
+        "--review",
+        "--agent",
+        "claude",
+        "--model",
+        "m-1",
+        "--workspace",
+        src.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let id = str_of(d.jobs().last().unwrap(), "id").to_owned();
+    let o = d.ctl(&["--json", "accept", "--commit", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let sha = j["review"]["commit"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no commit: {j}"));
+    assert_eq!(git(&src, &["rev-parse", "HEAD"]).trim(), sha);
+    let body = git(&src, &["log", "-1", "--format=%B"]);
+    assert!(body.contains("Assisted-by: claude:m-1"), "{body}");
+    let signed: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("Signed-off-by:"))
+        .collect();
+    assert_eq!(
+        signed,
+        vec!["Signed-off-by: Rev Iewer <reviewer@example.org>"],
+        "{body}"
+    );
+    assert_eq!(
+        git(&src, &["log", "-1", "--format=%an <%ae>"]).trim(),
+        "Rev Iewer <reviewer@example.org>"
+    );
+    let files = git(&src, &["show", "--name-only", "--format=", "HEAD"]);
+    assert_eq!(
+        files.lines().collect::<Vec<_>>(),
+        vec!["edit.txt", "new.txt"],
+        "{files}"
+    );
+    // The job's .git edits stayed in its layer: no hook, no fsmonitor, nothing ran.
+    assert!(!src.join(".git/hooks/pre-commit").exists());
+    assert!(!git(&src, &["config", "--list"]).contains("fsmonitor"));
+    assert!(
+        !marker.exists(),
+        "code the job wrote ran outside its sandbox"
+    );
+    let skipped = j["review"]["skipped"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(skipped.iter().any(|s| s == ".git/hooks/pre-commit"), "{j}");
+    // git kept its files owned by the repository's owner.
+    assert_eq!(
+        std::fs::metadata(src.join(".git/index")).unwrap().uid(),
+        OWNER
+    );
+    let row = d
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "workspace.accept")
+        .unwrap();
+    assert_eq!(row["change"]["commit"], sha);
+    assert_eq!(
+        row["change"]["signed_off_by"],
+        "Rev Iewer <reviewer@example.org>"
+    );
+}

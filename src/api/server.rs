@@ -406,8 +406,8 @@ async fn accept(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<JobInfo> {
-    let who = peer(&req);
-    to_the_end(async move { crate::daemon::review::accept(&d, &id, who).await })
+    let (who, body) = json_body::<AcceptRequest>(req).await?;
+    to_the_end(async move { crate::daemon::review::accept(&d, &id, body, who).await })
         .await
         .map(axum::Json)
 }

@@ -222,6 +222,26 @@ pub struct ReviewInfo {
     /// After accept: the pre-image, the snapshot to return to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<String>,
+    /// After accept: entries of the change that were not applied (git metadata).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+    /// After `accept --commit`: the commit that records the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+}
+
+/// POST /v1/jobs/{id}/accept
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptRequest {
+    /// Also commit the change (the workspace must be a git work tree), with an
+    /// `Assisted-by:` trailer for the job's agent and model and a `Signed-off-by:` for
+    /// the accepting user (from their git configuration).
+    #[serde(default)]
+    pub commit: bool,
+    /// The commit message's subject and body (default: "agentd job ID: COMMAND").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// GET /v1/jobs/{id}/diff

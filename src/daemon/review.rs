@@ -5,10 +5,10 @@
 
 use super::jobs::{ApiError, check_owner, deny, who};
 use super::{Daemon, now_ms};
-use crate::api::types::{DiffResponse, EventKind, JobInfo, ReviewInfo, ReviewState};
+use crate::api::types::{AcceptRequest, DiffResponse, EventKind, JobInfo, ReviewInfo, ReviewState};
 use crate::audit::{NewOperation, Requester};
 use crate::store::{JobRecord, WriteBatch};
-use crate::workspace::{ReviewLayers, apply, diff};
+use crate::workspace::{ReviewLayers, apply, diff, git};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -168,11 +168,42 @@ fn pending(id: &str, review: &ReviewInfo) -> Result<(), ApiError> {
 }
 
 /// POST /v1/jobs/{id}/accept: applies the change to the source directory.
-pub async fn accept(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<JobInfo, ApiError> {
+pub async fn accept(
+    d: &Arc<Daemon>,
+    id: &str,
+    req: AcceptRequest,
+    requester: Requester,
+) -> Result<JobInfo, ApiError> {
     let _ordered = d.ordered(id).await;
     let (mut record, review) = load(d, id)?;
     owner_or_root(d, &record, &requester, "workspace.accept").await?;
     pending(id, &review)?;
+    // With --commit: a git work tree, and an accepting user git can name; both checked
+    // before anything is applied.
+    let provenance = if req.commit {
+        let source = review.source.clone();
+        let (uid, gid) = (requester.uid, requester.gid);
+        let checked = tokio::task::spawn_blocking(move || -> Result<(u32, u32, git::Identity), String> {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&source).map_err(|e| format!("{source}: {e}"))?;
+            let owner = (meta.uid(), meta.gid());
+            if !git::is_work_tree(source.as_ref(), owner) {
+                return Err(format!(
+                    "{source} is not in a git work tree: accept without --commit, or make it one"
+                ));
+            }
+            let human = git::identity_of(uid, gid, source.as_ref())?;
+            Ok((owner.0, owner.1, human))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        match checked {
+            Ok(p) => Some(p),
+            Err(why) => return Err(ApiError::conflict(why)),
+        }
+    } else {
+        None
+    };
     let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
     // The source may not have changed since the job was submitted: the job saw it
     // live through the overlay, and the change was made against that state. ctime is
@@ -220,12 +251,50 @@ pub async fn accept(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
     // The layers are spent; the pre-image stays, as the way back.
     let _ = std::fs::remove_dir_all(layers.upper());
     let _ = std::fs::remove_dir_all(layers.work());
+    // The commit, authored and signed off by the accepting user, assisted by the job.
+    let mut commit_error = None;
+    let commit = match (&provenance, applied.paths.is_empty()) {
+        (Some((uid, gid, human)), false) => {
+            let message = req.message.clone().unwrap_or_else(|| {
+                format!("agentd job {id}: {}", shell_words(&record.info.command))
+            });
+            let assisted_by = format!("{}:{}", record.info.agent, record.info.model);
+            let (source, paths, human, owner) = (
+                review.source.clone(),
+                applied.paths.clone(),
+                human.clone(),
+                (*uid, *gid),
+            );
+            match tokio::task::spawn_blocking(move || {
+                git::commit(
+                    source.as_ref(),
+                    owner,
+                    &paths,
+                    &message,
+                    &assisted_by,
+                    &human,
+                )
+            })
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            {
+                Ok(sha) => Some(sha),
+                Err(e) => {
+                    commit_error = Some(e);
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let decided = ReviewInfo {
         state: ReviewState::Accepted,
         decided_by: Some(requester.clone()),
         decided_ms: Some(now_ms()),
         changes: Some(applied.changes),
         before: Some(applied.before.display().to_string()),
+        skipped: applied.skipped.clone(),
+        commit: commit.clone(),
         ..review.clone()
     };
     let op = NewOperation {
@@ -244,6 +313,8 @@ pub async fn accept(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
         change: serde_json::json!({
             "job": id, "source": review.source, "review": {"before": "pending", "after": "accepted"},
             "entries": applied.changes, "created": applied.created,
+            "skipped": applied.skipped, "commit": commit, "commit_error": commit_error,
+            "signed_off_by": provenance.as_ref().map(|p| p.2.line()),
         }),
         rollback: format!(
             "return {} to the snapshot {}: copy its entries back over the source and delete the paths its .agentd-preimage.json lists as created",
@@ -251,7 +322,24 @@ pub async fn accept(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
             applied.before.display()
         ),
     };
-    finish(d, id, &mut record, decided, op, EventKind::Accepted).await
+    let info = finish(d, id, &mut record, decided, op, EventKind::Accepted).await?;
+    match commit_error {
+        None => Ok(info),
+        Some(e) => Err(ApiError::internal(format!(
+            "the change was applied to {}, but the commit failed: {e}",
+            review.source
+        ))),
+    }
+}
+
+/// The job's command as one line for a commit subject.
+fn shell_words(command: &[String]) -> String {
+    let line = command.join(" ");
+    if line.chars().count() > 60 {
+        format!("{}...", line.chars().take(57).collect::<String>())
+    } else {
+        line
+    }
 }
 
 /// POST /v1/jobs/{id}/reject: discards the change; the source never changed.

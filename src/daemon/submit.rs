@@ -126,6 +126,8 @@ pub async fn submit(
             decided_ms: None,
             changes: None,
             before: None,
+            skipped: Vec::new(),
+            commit: None,
         }),
     };
     let runtime = JobRuntime {

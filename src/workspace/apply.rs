@@ -26,6 +26,17 @@ pub struct Applied {
     pub before: PathBuf,
     /// Paths the change created (to delete when returning to the pre-image).
     pub created: Vec<String>,
+    /// Paths the change wrote or removed (what a commit of it covers).
+    pub paths: Vec<String>,
+    /// Entries not applied: git metadata (a `.git` directory or file at any depth).
+    /// Hooks and config there run code for whoever uses the repository next, so an
+    /// agent's edits to them never leave its sandbox; its work-tree change does.
+    pub skipped: Vec<String>,
+}
+
+/// Whether a path is (or is below) git metadata.
+pub fn is_git_metadata(rel: &str) -> bool {
+    Path::new(rel).components().any(|c| c.as_os_str() == ".git")
 }
 
 /// Entries of `source` whose status changed at or after `since` (ctime, which no
@@ -78,7 +89,11 @@ pub fn apply(
     changes: &[Change],
     before: &Path,
 ) -> Result<Applied, WorkspaceError> {
-    for c in changes {
+    let (skipped, changes): (Vec<&Change>, Vec<&Change>) = changes
+        .iter()
+        .partition(|c| is_git_metadata(&c.path) || c.from.as_deref().is_some_and(is_git_metadata));
+    let skipped: Vec<String> = skipped.into_iter().map(|c| c.path.clone()).collect();
+    for c in &changes {
         check_rel(&c.path)?;
         if let Some(from) = &c.from {
             check_rel(from)?;
@@ -104,7 +119,7 @@ pub fn apply(
 
     // 1. The pre-image of every entry the change replaces or removes.
     let mut created = Vec::new();
-    for c in changes {
+    for c in &changes {
         let touched: Vec<&str> = match c.kind {
             ChangeKind::Renamed => vec![c.from.as_deref().unwrap_or_default(), &c.path],
             _ => vec![&c.path],
@@ -138,6 +153,7 @@ pub fn apply(
     // 3. Directories, parents first; then files and symlinks.
     let mut adds: Vec<&Change> = changes
         .iter()
+        .copied()
         .filter(|c| c.kind != ChangeKind::Removed)
         .collect();
     adds.sort_by(|a, b| {
@@ -171,10 +187,16 @@ pub fn apply(
     let mpath = before.join(".agentd-preimage.json");
     std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("json"))
         .map_err(io_err("write", &mpath))?;
+    let mut paths: Vec<String> = changes.iter().map(|c| c.path.clone()).collect();
+    paths.extend(changes.iter().filter_map(|c| c.from.clone()));
+    paths.sort();
+    paths.dedup();
     Ok(Applied {
         changes: changes.len(),
         before: before.to_path_buf(),
         created,
+        paths,
+        skipped,
     })
 }
 

@@ -13,6 +13,7 @@
 
 pub mod apply;
 pub mod diff;
+pub mod git;
 
 use crate::mount_api;
 use serde::{Deserialize, Serialize};

@@ -139,8 +139,19 @@ enum Command {
         stat: bool,
     },
     /// Apply a review job's change to its workspace directory. Refused if the directory
-    /// changed since the job started; what it replaces is kept as the way back.
-    Accept { job: String },
+    /// changed since the job started; what it replaces is kept as the way back. Changes
+    /// to git metadata (.git) are never applied.
+    Accept {
+        job: String,
+        /// Also commit the change in the workspace's git repository: authored and
+        /// signed off by you (your git user.name and user.email), with an
+        /// "Assisted-by: AGENT:MODEL" trailer for the job.
+        #[arg(long)]
+        commit: bool,
+        /// The commit message (default "agentd job ID: COMMAND").
+        #[arg(short, long, requires = "commit")]
+        message: Option<String>,
+    },
     /// Discard a review job's change; the workspace directory never changed.
     Reject { job: String },
     /// Print lifecycle events, one line each: TIME SEQ KIND JOB DETAIL.
@@ -261,8 +272,12 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
         Command::Thaw { job } => c::job_action(client, &job, "thaw", json).await,
         Command::Detach { job } => c::job_action(client, &job, "detach", json).await,
         Command::Diff { job, stat } => review::diff(client, &job, stat, json).await,
-        Command::Accept { job } => review::decide(client, &job, "accept", json).await,
-        Command::Reject { job } => review::decide(client, &job, "reject", json).await,
+        Command::Accept {
+            job,
+            commit,
+            message,
+        } => review::accept(client, &job, commit, message, json).await,
+        Command::Reject { job } => review::reject(client, &job, json).await,
         Command::Wait { job } => c::wait(client, &job, json).await,
         Command::Events {
             follow,

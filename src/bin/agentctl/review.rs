@@ -1,7 +1,7 @@
 //! `agentctl diff`, `accept` and `reject`: a review job's change, shown and decided.
 
 use agentd::api::client::Client;
-use agentd::api::types::{ChangeKind, DiffResponse, JobInfo, ReviewState};
+use agentd::api::types::{AcceptRequest, ChangeKind, DiffResponse, JobInfo, ReviewState};
 
 use crate::commands::job_path;
 use crate::{Fail, emit, emit_json};
@@ -70,30 +70,61 @@ pub fn review_state_name(s: ReviewState) -> &'static str {
     }
 }
 
-/// `accept` / `reject`.
-pub async fn decide(client: &Client, id: &str, action: &str, json: bool) -> Result<i32, Fail> {
+/// `accept`: applies the change (and commits it with --commit).
+pub async fn accept(
+    client: &Client,
+    id: &str,
+    commit: bool,
+    message: Option<String>,
+    json: bool,
+) -> Result<i32, Fail> {
+    let body = AcceptRequest { commit, message };
     let job: JobInfo = client
-        .post_empty(&format!("{}/{action}", job_path(id)))
+        .post(&format!("{}/accept", job_path(id)), &body)
         .await?;
     if json {
         emit_json(&job)?;
         return Ok(0);
     }
-    let review = job.review.as_ref();
-    let line = match (action, review) {
-        ("accept", Some(r)) => format!(
+    let mut out = String::new();
+    if let Some(r) = &job.review {
+        out.push_str(&format!(
             "job {}: change accepted into {} ({} entries); what it replaced is in {}\n",
             job.id,
             r.source,
             r.changes.unwrap_or(0),
             r.before.as_deref().unwrap_or("?")
-        ),
-        (_, Some(r)) => format!(
-            "job {}: change rejected; {} is as it was\n",
-            job.id, r.source
-        ),
-        _ => format!("job {}: {action}ed\n", job.id),
-    };
-    emit(&line)?;
+        ));
+        if !r.skipped.is_empty() {
+            out.push_str(&format!(
+                "not applied (git metadata is never taken from a job): {}\n",
+                r.skipped.join(", ")
+            ));
+        }
+        if let Some(sha) = &r.commit {
+            out.push_str(&format!("committed as {sha}\n"));
+        }
+    }
+    emit(&out)?;
+    Ok(0)
+}
+
+/// `reject`: discards the change.
+pub async fn reject(client: &Client, id: &str, json: bool) -> Result<i32, Fail> {
+    let job: JobInfo = client
+        .post_empty(&format!("{}/reject", job_path(id)))
+        .await?;
+    if json {
+        emit_json(&job)?;
+    } else {
+        let source = job
+            .review
+            .as_ref()
+            .map_or("the workspace", |r| r.source.as_str());
+        emit(&format!(
+            "job {}: change rejected; {source} is as it was\n",
+            job.id
+        ))?;
+    }
     Ok(0)
 }
