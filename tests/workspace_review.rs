@@ -600,3 +600,92 @@ fn accept_commit_records_provenance_and_never_takes_git_metadata_from_the_job() 
         "Rev Iewer <reviewer@example.org>"
     );
 }
+
+/// `accept --publish`: the source with the change becomes an immutable,
+/// content-addressed snapshot (the source does not change); jobs borrow it read-only;
+/// removing it waits while a job holds it, and it goes when the last holder ends.
+#[test]
+fn a_published_snapshot_is_shared_read_only_and_removed_after_its_last_borrower() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let before = tree(&src);
+    let id = review_job(
+        &d,
+        &src,
+        "echo published > edit.txt; rm gone.txt; echo n > new.txt",
+    );
+    let o = d.ctl(&["accept", "--publish", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let snap = out_text(&o).trim().to_owned();
+    assert_eq!(snap.len(), 64, "not a snapshot id: {snap:?}");
+    assert_eq!(tree(&src), before, "publishing changed the source");
+    let j = d.job(&id);
+    assert_eq!(j["review"]["snapshot"], snap.as_str(), "{j}");
+    assert!(
+        d.audit()
+            .iter()
+            .any(|r| r["action"] == "workspace.publish" && str_of(r, "rollback").contains(&snap)),
+        "no workspace.publish row naming the snapshot"
+    );
+    let info = d.get(&format!("/v1/snapshots/{snap}")).json();
+    let path = PathBuf::from(str_of(&info, "path"));
+    assert_eq!(
+        std::fs::read(path.join("edit.txt")).unwrap(),
+        b"published\n"
+    );
+    assert!(!path.join("gone.txt").exists());
+
+    // A borrower sees it read-only.
+    let o = d.ctl(&[
+        "run",
+        "--snapshot",
+        &snap,
+        "--",
+        "sh",
+        "-c",
+        "cat edit.txt new.txt; echo x > edit.txt",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(out_text(&o), "published\nn\n", "{}", show(&o));
+    assert!(
+        err_text(&o).contains("Read-only file system"),
+        "{}",
+        show(&o)
+    );
+
+    // The same content published again is the same snapshot.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let id2 = review_job(
+        &d,
+        &src,
+        "echo published > edit.txt; rm gone.txt; echo n > new.txt",
+    );
+    let again = d.ctl_ok(&["accept", "--publish", &id2]);
+    assert_eq!(again.trim(), snap);
+    assert_eq!(d.get("/v1/snapshots").json().as_array().unwrap().len(), 1);
+
+    // Held: removal waits.
+    let holder = d.run_detached(&["--snapshot", &snap], &["sleep", "600"]);
+    let r = d.request("DELETE", &format!("/v1/snapshots/{snap}"), None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["holders"], serde_json::json!([holder]));
+    assert!(
+        path.join("edit.txt").exists(),
+        "removed while a job holds it"
+    );
+    // No new borrowers once it is being removed.
+    let o = d.ctl(&["run", "--snapshot", &snap, "--", "true"]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(err_text(&o).contains("being removed"), "{}", show(&o));
+    // The last holder ends: it goes, with its objects.
+    d.ctl_ok(&["kill", "--grace", "0s", &holder]);
+    d.wait_ended(&holder);
+    wait_until("the snapshot is removed", LIVENESS, || !path.exists());
+    let objects = d.state_dir().join("snapshots/objects");
+    assert_eq!(
+        std::fs::read_dir(&objects).map(|e| e.count()).unwrap_or(0),
+        0,
+        "objects left behind"
+    );
+    assert_eq!(d.get(&format!("/v1/snapshots/{snap}")).status, 404);
+}

@@ -121,6 +121,12 @@ impl Client {
         json_body(resp, "POST", path).await
     }
 
+    /// DELETE `path` and parse the JSON answer.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self.send(Method::DELETE, path, None).await?;
+        json_body(resp, "DELETE", path).await
+    }
+
     /// GET `path` and return the whole answer as text (e.g. /metrics).
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let resp = self.send(Method::GET, path, None).await?;

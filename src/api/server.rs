@@ -227,6 +227,11 @@ fn routes(d: Arc<Daemon>) -> Router {
         .route("/v1/jobs/{id}/diff", get(diff))
         .route("/v1/jobs/{id}/accept", post(accept))
         .route("/v1/jobs/{id}/reject", post(reject))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(remove_snapshot),
+        )
         .route("/v1/events", get(events))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
@@ -421,6 +426,31 @@ async fn reject(
     to_the_end(async move { crate::daemon::review::reject(&d, &id, who).await })
         .await
         .map(axum::Json)
+}
+
+async fn list_snapshots(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<SnapshotInfo>> {
+    Ok(axum::Json(crate::daemon::snapshots::list(&d)))
+}
+
+async fn get_snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<SnapshotInfo> {
+    crate::daemon::snapshots::get(&d, &id).map(axum::Json)
+}
+
+async fn remove_snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<(axum::http::StatusCode, axum::Json<SnapshotInfo>), ApiError> {
+    let who = peer(&req);
+    let (status, info) =
+        to_the_end(async move { crate::daemon::snapshots::remove(&d, &id, who).await }).await?;
+    Ok((
+        axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK),
+        axum::Json(info),
+    ))
 }
 
 fn duration_param(

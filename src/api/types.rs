@@ -32,6 +32,10 @@ pub struct SubmitRequest {
     /// `accept` or `reject`).
     #[serde(default, skip_serializing_if = "is_direct")]
     pub workspace_mode: WorkspaceMode,
+    /// Borrow a published snapshot (its id) as the read-only workspace, instead of a
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     /// KEY=VALUE to set in the job's environment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<String>,
@@ -186,6 +190,9 @@ pub struct JobInfo {
     /// A review workspace's state: who decided what about the job's change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<ReviewInfo>,
+    /// The published snapshot the job borrows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 pub use crate::workspace::WorkspaceMode;
@@ -228,6 +235,23 @@ pub struct ReviewInfo {
     /// After `accept --commit`: the commit that records the change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
+    /// After `accept --publish`: the snapshot the change was published as (the source
+    /// never changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+pub use crate::workspace::snapshot::SnapshotMeta;
+
+/// GET /v1/snapshots, /v1/snapshots/{id}, DELETE /v1/snapshots/{id}
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    #[serde(flatten)]
+    pub meta: SnapshotMeta,
+    /// The directory a borrowing job sees it at (read-only).
+    pub path: String,
+    /// Jobs that borrow it and have not ended.
+    pub holders: Vec<String>,
 }
 
 /// POST /v1/jobs/{id}/accept
@@ -242,6 +266,10 @@ pub struct AcceptRequest {
     /// The commit message's subject and body (default: "agentd job ID: COMMAND").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Publish the source with the change as an immutable snapshot instead of applying
+    /// it to the source.
+    #[serde(default)]
+    pub publish: bool,
 }
 
 /// GET /v1/jobs/{id}/diff

@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod recovery;
 pub mod review;
+pub mod snapshots;
 pub mod spawner;
 pub mod submit;
 pub mod systemd;

@@ -8,6 +8,7 @@ use super::{Daemon, now_ms};
 use crate::api::types::{AcceptRequest, DiffResponse, EventKind, JobInfo, ReviewInfo, ReviewState};
 use crate::audit::{NewOperation, Requester};
 use crate::store::{JobRecord, WriteBatch};
+use crate::workspace::snapshot::SnapshotMeta;
 use crate::workspace::{ReviewLayers, apply, diff, git};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -178,6 +179,14 @@ pub async fn accept(
     let (mut record, review) = load(d, id)?;
     owner_or_root(d, &record, &requester, "workspace.accept").await?;
     pending(id, &review)?;
+    if req.publish {
+        if req.commit {
+            return Err(ApiError::bad_request(
+                "publish and commit: a change is published as a snapshot or applied and committed, not both",
+            ));
+        }
+        return publish(d, id, &mut record, review, requester).await;
+    }
     // With --commit: a git work tree, and an accepting user git can name; both checked
     // before anything is applied.
     let provenance = if req.commit {
@@ -340,6 +349,97 @@ fn shell_words(command: &[String]) -> String {
     } else {
         line
     }
+}
+
+/// accept with `publish`: the source with the change becomes an immutable,
+/// content-addressed snapshot; the source itself never changes.
+async fn publish(
+    d: &Arc<Daemon>,
+    id: &str,
+    record: &mut JobRecord,
+    review: ReviewInfo,
+    requester: Requester,
+) -> Result<JobInfo, ApiError> {
+    let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
+    let since =
+        UNIX_EPOCH + Duration::from_millis(record.info.submitted_ms) - Duration::from_millis(20);
+    let source = review.source.clone();
+    let store = super::snapshots::store(d);
+    let job = id.to_owned();
+    let published = tokio::task::spawn_blocking(move || -> Result<Result<SnapshotMeta, String>, ApiError> {
+        let moved = apply::changed_since(source.as_ref(), since, MOVED_ON_SHOWN)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if !moved.is_empty() {
+            return Ok(Err(format!(
+                "{source} changed since the job started: {}; the change is not published (reject it, or run the job again)",
+                moved.join(", ")
+            )));
+        }
+        let merged = layers
+            .mount_merged_readonly(source.as_ref())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let root = std::path::PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&merged)
+        ));
+        let meta = store.publish(&root, &source, &job, now_ms());
+        drop(merged);
+        match meta {
+            Ok(m) => {
+                let _ = layers.remove();
+                Ok(Ok(m))
+            }
+            Err(crate::workspace::WorkspaceError::Refused(why)) => Ok(Err(why)),
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    let meta = match published {
+        Ok(m) => m,
+        Err(why) => {
+            deny(
+                d,
+                &requester,
+                "workspace.publish",
+                Some(id),
+                "workspace review",
+                &why,
+            )
+            .await;
+            return Err(ApiError::conflict(why));
+        }
+    };
+    let decided = ReviewInfo {
+        state: ReviewState::Accepted,
+        decided_by: Some(requester.clone()),
+        decided_ms: Some(now_ms()),
+        snapshot: Some(meta.id.clone()),
+        ..review.clone()
+    };
+    let op = NewOperation {
+        requester: requester.clone(),
+        action: "workspace.publish".into(),
+        target: Some(id.to_owned()),
+        authority: format!(
+            "{} may decide job {id}'s change ({}); the source has not changed since the job started",
+            who(&requester),
+            if requester.uid == 0 {
+                "root"
+            } else {
+                "its submitter"
+            }
+        ),
+        change: serde_json::json!({
+            "job": id, "source": review.source, "review": {"before": "pending", "after": "accepted"},
+            "snapshot": meta.id, "files": meta.files, "bytes": meta.bytes,
+        }),
+        rollback: format!(
+            "agentctl snapshot rm {} (the source {} never changed and is the snapshot to return to)",
+            meta.id, review.source
+        ),
+    };
+    finish(d, id, record, decided, op, EventKind::Accepted).await
 }
 
 /// POST /v1/jobs/{id}/reject: discards the change; the source never changed.

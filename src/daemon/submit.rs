@@ -34,7 +34,27 @@ pub async fn submit(
         ));
     }
     check_policy_source(d, &req, &requester).await?;
-    if let Some(ws) = &req.workspace {
+    let mut req = req;
+    if let Some(id) = &req.snapshot {
+        // A borrowed view of a published snapshot: shared, read-only, anyone's.
+        if req.workspace.is_some() || req.workspace_mode != WorkspaceMode::Direct {
+            return Err(ApiError::bad_request(
+                "snapshot: a job borrows a snapshot or gets a workspace directory, not both",
+            ));
+        }
+        let store = crate::workspace::snapshot::SnapshotStore::new(&d.opts.state_dir);
+        match store.get(id) {
+            Some(meta) if !meta.removing => {}
+            Some(_) => {
+                return Err(ApiError::conflict(format!(
+                    "snapshot {id} is being removed (it waits for its borrowers to end); it takes no new ones"
+                )));
+            }
+            None => return Err(ApiError::not_found(format!("no snapshot {id}"))),
+        }
+        req.workspace = Some(store.tree(id).display().to_string());
+        req.workspace_mode = WorkspaceMode::Readonly;
+    } else if let Some(ws) = &req.workspace {
         check_workspace(d, &requester, ws).await?;
     }
     // Ownership: a job belongs to a lease or is durable; nothing runs unowned.
@@ -119,6 +139,7 @@ pub async fn submit(
         reason: None,
         usage: None,
         report: None,
+        snapshot: req.snapshot.clone(),
         review: review_source.clone().map(|source| ReviewInfo {
             state: ReviewState::Open,
             source,
@@ -128,6 +149,7 @@ pub async fn submit(
             before: None,
             skipped: Vec::new(),
             commit: None,
+            snapshot: None,
         }),
     };
     let runtime = JobRuntime {

@@ -276,6 +276,9 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
     d.metrics.ended(info.state);
     d.events
         .emit(kind, Some(id), info.lease.as_deref(), exit_text.clone());
+    if let Some(snapshot) = &info.snapshot {
+        super::snapshots::released(d, snapshot).await;
+    }
     // Waiters hear of the end only now: once it is on disk, counted and announced, so
     // whoever `wait` answers finds the job.exit row and the event already there.
     if let Some(e) = d.jobs.lock().expect("jobs lock").get(id) {

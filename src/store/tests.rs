@@ -34,6 +34,7 @@ fn job(id: &str, state: JobState, submitted_ms: u64) -> JobRecord {
             usage: None,
             report: None,
             review: None,
+            snapshot: None,
         },
         runtime: json!({"cgroup_dir": "/sys/fs/cgroup/agentd/j1", "pidfd": null}),
     }

@@ -14,6 +14,7 @@
 pub mod apply;
 pub mod diff;
 pub mod git;
+pub mod snapshot;
 
 use crate::mount_api;
 use serde::{Deserialize, Serialize};
@@ -131,6 +132,34 @@ impl ReviewLayers {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The finished change over `source`, read-only: both as lower layers (the upper
+    /// one on top, its whiteouts and opaque directories honoured), for publishing.
+    pub fn mount_merged_readonly(&self, source: &Path) -> Result<OwnedFd, WorkspaceError> {
+        let c = |s: &str| CString::new(s).expect("no NUL in overlay options");
+        let esc = |p: &Path| {
+            p.display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace(':', "\\:")
+        };
+        let lower = format!("{}:{}", esc(&self.upper()), esc(source));
+        let options = [
+            (c("lowerdir"), c(&lower)),
+            (c("redirect_dir"), c("off")),
+            (c("metacopy"), c("off")),
+            (c("index"), c("off")),
+            (c("xino"), c("off")),
+        ];
+        let pairs: Vec<(&std::ffi::CStr, &std::ffi::CStr)> = options
+            .iter()
+            .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
+            .collect();
+        mount_api::new_detached_mount(c"overlay", &pairs).map_err(|e| WorkspaceError::Overlay {
+            source_dir: source.display().to_string(),
+            source: e,
+        })
     }
 
     /// The overlay as a detached mount: `source` below, the job's upper layer above.

@@ -151,7 +151,15 @@ enum Command {
         /// The commit message (default "agentd job ID: COMMAND").
         #[arg(short, long, requires = "commit")]
         message: Option<String>,
+        /// Publish the workspace with the change as an immutable snapshot instead of
+        /// applying it (the directory does not change); prints the snapshot's id, which
+        /// `run --snapshot ID` borrows.
+        #[arg(long, conflicts_with = "commit")]
+        publish: bool,
     },
+    /// Published snapshots: list, show, remove.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Discard a review job's change; the workspace directory never changed.
     Reject { job: String },
     /// Print lifecycle events, one line each: TIME SEQ KIND JOB DETAIL.
@@ -193,6 +201,17 @@ enum Command {
     Metrics,
     /// Check that the daemon answers: prints its version and pid.
     Health,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// List snapshots: ID FILES BYTES HOLDERS SOURCE.
+    Ls,
+    /// Everything about one snapshot.
+    Show { id: String },
+    /// Remove a snapshot (root). If jobs borrow it, it takes no new borrowers and goes
+    /// when the last one ends.
+    Rm { id: String },
 }
 
 #[derive(Subcommand)]
@@ -276,7 +295,13 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
             job,
             commit,
             message,
-        } => review::accept(client, &job, commit, message, json).await,
+            publish,
+        } => review::accept(client, &job, commit, message, publish, json).await,
+        Command::Snapshot(s) => match s {
+            SnapshotCommand::Ls => review::snapshot_ls(client, json).await,
+            SnapshotCommand::Show { id } => review::snapshot_show(client, &id, json).await,
+            SnapshotCommand::Rm { id } => review::snapshot_rm(client, &id, json).await,
+        },
         Command::Reject { job } => review::reject(client, &job, json).await,
         Command::Wait { job } => c::wait(client, &job, json).await,
         Command::Events {

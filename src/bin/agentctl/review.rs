@@ -1,7 +1,9 @@
 //! `agentctl diff`, `accept` and `reject`: a review job's change, shown and decided.
 
 use agentd::api::client::Client;
-use agentd::api::types::{AcceptRequest, ChangeKind, DiffResponse, JobInfo, ReviewState};
+use agentd::api::types::{
+    AcceptRequest, ChangeKind, DiffResponse, JobInfo, ReviewState, SnapshotInfo,
+};
 
 use crate::commands::job_path;
 use crate::{Fail, emit, emit_json};
@@ -76,9 +78,14 @@ pub async fn accept(
     id: &str,
     commit: bool,
     message: Option<String>,
+    publish: bool,
     json: bool,
 ) -> Result<i32, Fail> {
-    let body = AcceptRequest { commit, message };
+    let body = AcceptRequest {
+        commit,
+        message,
+        publish,
+    };
     let job: JobInfo = client
         .post(&format!("{}/accept", job_path(id)), &body)
         .await?;
@@ -87,6 +94,10 @@ pub async fn accept(
         return Ok(0);
     }
     let mut out = String::new();
+    if let Some(snapshot) = job.review.as_ref().and_then(|r| r.snapshot.as_ref()) {
+        emit(&format!("{snapshot}\n"))?;
+        return Ok(0);
+    }
     if let Some(r) = &job.review {
         out.push_str(&format!(
             "job {}: change accepted into {} ({} entries); what it replaced is in {}\n",
@@ -125,6 +136,85 @@ pub async fn reject(client: &Client, id: &str, json: bool) -> Result<i32, Fail> 
             "job {}: change rejected; {source} is as it was\n",
             job.id
         ))?;
+    }
+    Ok(0)
+}
+
+/// `snapshot ls`.
+pub async fn snapshot_ls(client: &Client, json: bool) -> Result<i32, Fail> {
+    let all: Vec<SnapshotInfo> = client.get("/v1/snapshots").await?;
+    if json {
+        emit_json(&all)?;
+        return Ok(0);
+    }
+    let mut out = String::from("ID            FILES        BYTES  HOLDERS  SOURCE\n");
+    for s in &all {
+        out.push_str(&format!(
+            "{:<12}  {:>5}  {:>11}  {:>7}  {}{}\n",
+            &s.meta.id[..12],
+            s.meta.files,
+            s.meta.bytes,
+            s.holders.len(),
+            s.meta.source,
+            if s.meta.removing { " (removing)" } else { "" }
+        ));
+    }
+    emit(&out)?;
+    Ok(0)
+}
+
+/// `snapshot show ID`.
+pub async fn snapshot_show(client: &Client, id: &str, json: bool) -> Result<i32, Fail> {
+    let s: SnapshotInfo = client
+        .get(&format!(
+            "/v1/snapshots/{}",
+            agentd::api::client::encode(id)
+        ))
+        .await?;
+    if json {
+        emit_json(&s)?;
+        return Ok(0);
+    }
+    emit(&format!(
+        "id:       {}\npath:     {}\nsource:   {} (job {})\nfiles:    {}\nbytes:    {}\nholders:  {}\nstate:    {}\n",
+        s.meta.id,
+        s.path,
+        s.meta.source,
+        s.meta.job,
+        s.meta.files,
+        s.meta.bytes,
+        if s.holders.is_empty() {
+            "-".into()
+        } else {
+            s.holders.join(" ")
+        },
+        if s.meta.removing {
+            "removing (waits for its holders)"
+        } else {
+            "published"
+        }
+    ))?;
+    Ok(0)
+}
+
+/// `snapshot rm ID`.
+pub async fn snapshot_rm(client: &Client, id: &str, json: bool) -> Result<i32, Fail> {
+    let s: SnapshotInfo = client
+        .delete(&format!(
+            "/v1/snapshots/{}",
+            agentd::api::client::encode(id)
+        ))
+        .await?;
+    if json {
+        emit_json(&s)?;
+    } else if s.meta.removing {
+        emit(&format!(
+            "snapshot {} goes when its holders end: {}\n",
+            s.meta.id,
+            s.holders.join(" ")
+        ))?;
+    } else {
+        emit(&format!("snapshot {} removed\n", s.meta.id))?;
     }
     Ok(0)
 }

@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// `agentctl diff`, `accept` or `reject`.
     #[arg(long, requires = "workspace")]
     pub review: bool,
+    /// Borrow a published snapshot (its id, from `accept --publish` or `snapshot ls`)
+    /// as the job's read-only workspace.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["workspace", "review"])]
+    pub snapshot: Option<String>,
     /// Set KEY=VALUE in the job's environment, or pass KEY with agentctl's own value.
     /// Repeatable.
     #[arg(long = "env", value_name = "KEY[=VALUE]")]
@@ -200,6 +204,7 @@ fn submit_request(
         policy_toml,
         workspace,
         workspace_mode,
+        snapshot: args.snapshot.clone(),
         env,
         cpu: args.cpu.clone(),
         memory: args.memory.clone(),
