@@ -689,3 +689,98 @@ fn a_published_snapshot_is_shared_read_only_and_removed_after_its_last_borrower(
     );
     assert_eq!(d.get(&format!("/v1/snapshots/{snap}")).status, 404);
 }
+
+/// Speaks HTTP to the job's own socket from inside the job (python3, as an agent's
+/// tooling would), printing each answer's status line.
+const TOOL_CALLS_PY: &str = r#"
+import json, os, socket
+def call(method, path, body=None):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.environ["AGENTD_SOCKET"])
+    data = json.dumps(body).encode() if body is not None else b""
+    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: job\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    out = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        out += b
+    return out.split(b"\r\n")[0].decode()
+print(call("POST", "/v1/self/tool-calls", {"name": "grep", "args_digest": "ab12", "status": "ok"}))
+print(call("POST", "/v1/self/tool-calls", {"name": "sed", "status": "error"}))
+print(call("POST", "/v1/self/tool-calls", {"name": "grep", "status": "ok"}))
+print(call("POST", "/v1/self/tool-calls", {"name": "bad name!", "status": "ok"}))
+print(call("GET", "/v1/jobs"))
+print(call("GET", "/v1/self"))
+with open("edit.txt", "a") as f:
+    f.write("by the agent\n")
+"#;
+
+/// A job records its tool calls through its own socket (and can do nothing else there);
+/// they are kept with the job and named in the Assisted-by trailer of the commit.
+#[test]
+fn a_jobs_tool_calls_come_through_its_socket_into_the_provenance() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "repo");
+    git(&src, &["init", "-q", "-b", "main"]);
+    git(&src, &["config", "user.name", "Rev Iewer"]);
+    git(&src, &["config", "user.email", "reviewer@example.org"]);
+    git(&src, &["add", "-A"]);
+    git(
+        &src,
+        &["-c", "commit.gpgsign=false", "commit", "-q", "-m", "base"],
+    );
+    chown_tree(&src);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let o = d.ctl(&[
+        "run",
+        "--review",
+        "--agent",
+        "claude",
+        "--model",
+        "m-1",
+        "--workspace",
+        src.to_str().unwrap(),
+        "--",
+        "python3",
+        "-c",
+        TOOL_CALLS_PY,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let text = out_text(&o);
+    let statuses: Vec<&str> = text
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec!["201", "201", "201", "400", "404", "200"],
+        "{}",
+        show(&o)
+    );
+    let id = str_of(d.jobs().last().unwrap(), "id").to_owned();
+    let j = d.job(&id);
+    let calls: Vec<(String, String)> = j["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tool_calls: {j}"))
+        .iter()
+        .map(|c| (str_of(c, "name").to_owned(), str_of(c, "status").to_owned()))
+        .collect();
+    assert_eq!(
+        calls,
+        vec![
+            ("grep".to_owned(), "ok".to_owned()),
+            ("sed".to_owned(), "error".to_owned()),
+            ("grep".to_owned(), "ok".to_owned())
+        ]
+    );
+    assert_eq!(j["tool_calls"][0]["args_digest"], "ab12");
+    // The socket's directory goes with the job.
+    assert!(!d.path("run/sockets").join(&id).exists());
+    d.ctl_ok(&["accept", "--commit", &id]);
+    let body = git(&src, &["log", "-1", "--format=%B"]);
+    assert!(
+        body.contains("Assisted-by: claude:m-1 grep sed\n"),
+        "{body}"
+    );
+}

@@ -193,6 +193,35 @@ pub struct JobInfo {
     /// The published snapshot the job borrows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The tool calls the job recorded through its socket (provenance).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// One tool call a job recorded (POST /v1/self/tool-calls on its own socket).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    /// The tool, e.g. "grep", "web_search": letters, digits, '.', '_', '-', '/', ':'.
+    pub name: String,
+    /// A digest of its arguments (hex), never the arguments themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_digest: Option<String>,
+    /// How it ended, e.g. "ok", "error".
+    pub status: String,
+    /// Set by the daemon.
+    #[serde(default)]
+    pub time_ms: u64,
+}
+
+/// GET /v1/self on a job's socket: what the job may know of itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelfInfo {
+    pub id: String,
+    pub agent: String,
+    pub model: String,
+    pub policy: String,
+    pub tool_calls: usize,
 }
 
 pub use crate::workspace::WorkspaceMode;

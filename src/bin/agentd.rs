@@ -224,6 +224,7 @@ fn main() {
                 runtime_dir: a.runtime_dir,
                 cgroup_parent: a.cgroup_parent,
                 policy_text: None,
+                job_socket_dir: None,
             }
         }),
         Command::Serve(a) => agentd::daemon::serve(agentd::daemon::ServeOptions {

@@ -10,6 +10,7 @@
 
 pub mod events;
 pub mod jobs;
+pub mod jobsock;
 pub mod leases;
 pub mod lifecycle;
 pub mod metrics;
@@ -142,6 +143,8 @@ pub struct Daemon {
     pub spawners: spawner::SpawnerPool,
     /// Source directory → the review job holding its one unique handle.
     pub reviews: Mutex<HashMap<String, String>>,
+    /// Running jobs' own sockets (jobsock), by job.
+    pub job_sockets: Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 impl Daemon {
@@ -296,6 +299,7 @@ pub fn serve(opts: ServeOptions) -> i32 {
         job_nofile,
         spawners,
         reviews: Mutex::new(reviews),
+        job_sockets: Mutex::new(HashMap::new()),
     });
     let code = runtime.block_on(async move {
         if let Err(e) = recovery::recover(&daemon).await {

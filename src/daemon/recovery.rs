@@ -115,9 +115,14 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
             info.lease.as_deref(),
             format!("pid {}", info.pid.unwrap_or(0)),
         );
+        // Its socket to the daemon again: a new one in the directory the job holds.
+        if let Err(e) = super::jobsock::open(d, id) {
+            tracing::warn!(job = %id, "job {id}: cannot bind its socket again: {e}");
+        }
         tokio::spawn(watch::watch(d.clone(), id.to_owned(), pidfd, false, None));
         return true;
     }
+    super::jobsock::close(d, id);
 
     // Not running any more (or never started). Whatever is left of it goes.
     let usage = cgroup.map(|mut cg| {

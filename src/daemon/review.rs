@@ -267,7 +267,18 @@ pub async fn accept(
             let message = req.message.clone().unwrap_or_else(|| {
                 format!("agentd job {id}: {}", shell_words(&record.info.command))
             });
-            let assisted_by = format!("{}:{}", record.info.agent, record.info.model);
+            // AGENT:MODEL and the tools the job recorded, each once, in order of first use.
+            let mut tools: Vec<&str> = Vec::new();
+            for t in &record.info.tool_calls {
+                if !tools.contains(&t.name.as_str()) {
+                    tools.push(&t.name);
+                }
+            }
+            let mut assisted_by = format!("{}:{}", record.info.agent, record.info.model);
+            for t in tools {
+                assisted_by.push(' ');
+                assisted_by.push_str(t);
+            }
             let (source, paths, human, owner) = (
                 review.source.clone(),
                 applied.paths.clone(),

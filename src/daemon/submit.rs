@@ -83,6 +83,7 @@ pub async fn submit(
         command: req.command.clone(),
         policy_text: req.policy_toml.clone(),
         workspace_mode: req.workspace_mode,
+        job_socket_dir: None,
     };
     let spawn_options = options.clone();
     let t_validate = Instant::now();
@@ -140,6 +141,7 @@ pub async fn submit(
         usage: None,
         report: None,
         snapshot: req.snapshot.clone(),
+        tool_calls: Vec::new(),
         review: review_source.clone().map(|source| ReviewInfo {
             state: ReviewState::Open,
             source,
@@ -335,6 +337,10 @@ async fn start(
         .ordered(id)
         .await
         .expect("job entry exists while starting");
+    // The job's own socket to the daemon, bound before the job's root is built (its
+    // directory is bind-mounted there).
+    let mut options = options;
+    options.job_socket_dir = Some(super::jobsock::dir(d, id));
     let request = SpawnRequest {
         id: id.to_owned(),
         options,
@@ -343,7 +349,10 @@ async fn start(
         nofile: d.job_nofile,
     };
     let t_spawn = Instant::now();
-    let spawned = d.spawners.spawn(request).await;
+    let spawned = match super::jobsock::open(d, id) {
+        Ok(()) => d.spawners.spawn(request).await,
+        Err(e) => Err(format!("cannot bind the job's socket: {e}")),
+    };
     tracing::debug!("job {id}: spawned in {} us", t_spawn.elapsed().as_micros());
     let spawned = spawned.and_then(|(pid, pidfd, runtime)| {
         // The daemon's own handle on the job's cgroup: kill, freeze, usage, removal.
@@ -433,6 +442,7 @@ async fn start(
                     signal: None,
                     message: reason.clone(),
                 });
+                super::jobsock::close(d, id);
                 // A review job that never ran has no change: its layers go, its
                 // source is free again.
                 if let Some(r) = &mut e.info.review {

@@ -276,6 +276,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
     d.metrics.ended(info.state);
     d.events
         .emit(kind, Some(id), info.lease.as_deref(), exit_text.clone());
+    super::jobsock::close(d, id);
     if let Some(snapshot) = &info.snapshot {
         super::snapshots::released(d, snapshot).await;
     }

@@ -41,7 +41,14 @@ pub struct RunOptions {
     /// which only the daemon offers).
     #[serde(default)]
     pub workspace_mode: crate::workspace::WorkspaceMode,
+    /// A host directory holding the job's socket to the daemon (`agentd.sock`), shown
+    /// to the job read-only at /run/agentd (the daemon's jobs only).
+    #[serde(default)]
+    pub job_socket_dir: Option<PathBuf>,
 }
+
+/// Where a daemon job finds its socket to the daemon.
+pub const JOB_SOCKET_DIR: &str = "/run/agentd";
 
 /// The ids the job runs under.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -368,6 +375,13 @@ fn build_env(
         .or_insert_with(|| workspace.map_or("/tmp".into(), |w| w.display().to_string()));
     env.entry("PATH".into())
         .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    if options.job_socket_dir.is_some() {
+        // The job's own socket to the daemon (its tool calls, its own state).
+        env.insert(
+            "AGENTD_SOCKET".into(),
+            format!("{JOB_SOCKET_DIR}/agentd.sock"),
+        );
+    }
     for item in &options.env {
         let (k, v) = match item.split_once('=') {
             Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
@@ -404,8 +418,13 @@ fn build_sandbox_plan(
     landlock_abi: u32,
     landlock_required: bool,
 ) -> Result<SandboxPlan, Error> {
-    let mount_ops = super::rootfs::mount_ops(&policy.filesystem, workspace, limits.memory)
-        .map_err(|e| Error::Usage(format!("cannot prepare the job's root: {e}")))?;
+    let mount_ops = super::rootfs::mount_ops(
+        &policy.filesystem,
+        workspace,
+        limits.memory,
+        options.job_socket_dir.as_deref(),
+    )
+    .map_err(|e| Error::Usage(format!("cannot prepare the job's root: {e}")))?;
     let path_c = |p: &Path| cstring(p.as_os_str().as_bytes(), "a path");
     let envp = env
         .iter()

@@ -82,6 +82,7 @@ pub fn mount_ops(
     grants: &[PathGrant],
     workspace: Option<&Path>,
     tmp_size: Option<u64>,
+    job_socket_dir: Option<&Path>,
 ) -> Result<Vec<MountOp>, String> {
     let mut b = Builder {
         ops: Vec::new(),
@@ -175,6 +176,19 @@ pub fn mount_ops(
         &tmp_opts,
     );
 
+    // The daemon's jobs: their socket to the daemon, at /run/agentd (read-only: the job
+    // connects to the socket, it cannot replace it).
+    if let Some(dir) = job_socket_dir {
+        let dst = Path::new(super::plan::JOB_SOCKET_DIR);
+        b.mount_point(dst, true);
+        b.ops.push(MountOp::Bind {
+            src: c(dir.as_os_str().as_bytes()),
+            dst: rel(dst),
+            attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_RDONLY,
+            recursive: false,
+        });
+    }
+
     // The workspace at its own absolute path, writable: the parent's clone of its mount
     // (idmapped when its owner is not the job's host user, so the job owns it).
     if let Some(ws) = workspace {
@@ -212,7 +226,7 @@ mod tests {
                 rule: "r".into(),
             },
         ];
-        let ops = mount_ops(&grants, Some(Path::new("/tmp/a/ws")), Some(1 << 20)).unwrap();
+        let ops = mount_ops(&grants, Some(Path::new("/tmp/a/ws")), Some(1 << 20), None).unwrap();
         let mkdirs: Vec<String> = ops
             .iter()
             .filter_map(|o| {

@@ -35,6 +35,7 @@ fn job(id: &str, state: JobState, submitted_ms: u64) -> JobRecord {
             report: None,
             review: None,
             snapshot: None,
+            tool_calls: Vec::new(),
         },
         runtime: json!({"cgroup_dir": "/sys/fs/cgroup/agentd/j1", "pidfd": null}),
     }
