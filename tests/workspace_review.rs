@@ -784,3 +784,35 @@ fn a_jobs_tool_calls_come_through_its_socket_into_the_provenance() {
         "{body}"
     );
 }
+
+/// The job's socket outlives a daemon crash: the restarted daemon binds a new socket in
+/// the directory the job holds, and the job's next tool call reaches it.
+#[test]
+fn a_jobs_socket_reaches_the_daemon_after_a_restart() {
+    let mut d = TestDaemon::start(&[]);
+    let ws = make_source(&d, "ws");
+    let script = format!(
+        "import time, os\nwhile not os.path.exists('go'):\n    time.sleep(0.05)\n{}",
+        TOOL_CALLS_PY
+            .lines()
+            .filter(|l| !l.starts_with("print(")
+                && !l.starts_with("with ")
+                && !l.starts_with("    f.write"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\nprint(call(\"POST\", \"/v1/self/tool-calls\", {\"name\": \"after-restart\", \"status\": \"ok\"}))\n"
+    );
+    let id = d.run_detached(
+        &["--workspace", ws.to_str().unwrap()],
+        &["python3", "-c", &script],
+    );
+    d.sigkill();
+    d.launch();
+    std::fs::write(ws.join("go"), "").unwrap();
+    let j = d.wait_ended(&id);
+    assert_eq!(j["exit"]["code"], 0, "{j}");
+    let logs = d.ctl_ok(&["logs", &id]);
+    assert!(logs.contains("201"), "{logs}");
+    let j = d.job(&id);
+    assert_eq!(j["tool_calls"][0]["name"], "after-restart", "{j}");
+}
