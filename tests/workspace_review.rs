@@ -816,3 +816,94 @@ fn a_jobs_socket_reaches_the_daemon_after_a_restart() {
     let j = d.job(&id);
     assert_eq!(j["tool_calls"][0]["name"], "after-restart", "{j}");
 }
+
+fn policy_file(d: &TestDaemon, name: &str, workspace_section: &str) -> PathBuf {
+    let base = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policies/default.toml"
+    ))
+    .unwrap();
+    let cut = base
+        .find("[workspace]")
+        .expect("default.toml has a [workspace] section");
+    let path = d.path(&format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!("{}[workspace]\n{workspace_section}\n", &base[..cut])
+            .replace("name = \"default\"", &format!("name = \"{name}\"")),
+    )
+    .unwrap();
+    path
+}
+
+/// The policy grants workspace handles: a mode it does not list is refused, naming the
+/// key; a bad value is an error at its line; `concurrent_review = "clone"` gives a
+/// second review job its own overlay, and whichever change is accepted second is
+/// refused because the directory moved on.
+#[test]
+fn the_policy_grants_handle_kinds_and_may_clone_concurrent_reviews() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let only_review = policy_file(&d, "only-review", "modes = [\"review\"]");
+    let o = d.ctl(&[
+        "run",
+        "--policy-file",
+        only_review.to_str().unwrap(),
+        "--workspace",
+        src.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        err_text(&o).contains("does not grant direct workspaces (workspace.modes: review)"),
+        "{}",
+        show(&o)
+    );
+    let bad = policy_file(&d, "bad", "modes = [\"everything\"]");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .args(["run", "--policy"])
+        .arg(&bad)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        err.contains("workspace.modes")
+            && err.contains("\"everything\"")
+            && err.contains("bad.toml:"),
+        "{err}"
+    );
+
+    let clone = policy_file(&d, "clone", "concurrent_review = \"clone\"");
+    let run = |script: &str| {
+        let o = d.ctl(&[
+            "run",
+            "--review",
+            "--policy-file",
+            clone.to_str().unwrap(),
+            "--workspace",
+            src.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        str_of(d.jobs().last().unwrap(), "id").to_owned()
+    };
+    let first = run("echo first > edit.txt");
+    let second = run("echo second > new.txt");
+    assert_ne!(first, second);
+    d.ctl_ok(&["accept", &first]);
+    let o = d.ctl(&["accept", &second]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        err_text(&o).contains("changed since the job started"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(std::fs::read(src.join("edit.txt")).unwrap(), b"first\n");
+    assert!(!src.join("new.txt").exists());
+}

@@ -114,6 +114,8 @@ pub async fn submit(
     let review_source = (req.workspace_mode == WorkspaceMode::Review)
         .then(|| plan.workspace.as_ref().map(|w| w.display().to_string()))
         .flatten();
+    // The policy may let a second review job on a busy directory have its own overlay.
+    let review_clone = policy.workspace.clone_concurrent_review;
     let validate_us = t_validate.elapsed().as_micros();
     // Published: the job exists from here on, in the store and in the table.
     let id = job::new_job_id();
@@ -210,6 +212,7 @@ pub async fn submit(
         // the same directory cannot both get one.
         match review_source
             .as_deref()
+            .filter(|_| !review_clone)
             .map(|source| (source, super::review::claim(d, source, &id)))
         {
             Some((source, Err(holder))) => Some(format!(

@@ -183,7 +183,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         }
     }
     let ids = resolve_ids(&policy, workspace.as_deref())?;
-    check_workspace_mode(&options, workspace.as_deref(), &ids)?;
+    check_workspace_mode(&policy, &options, workspace.as_deref(), &ids)?;
     let env = build_env(&policy, &options, workspace.as_deref())?;
 
     // Fail closed: what the policy needs and the kernel lacks is refused, unless the
@@ -298,11 +298,29 @@ fn validate_workspace(w: &Path) -> Result<PathBuf, Error> {
 /// A read-only or review workspace needs a workspace; a review overlay cannot be
 /// idmapped (overlayfs does not allow it), so the job must run as the directory's owner.
 fn check_workspace_mode(
+    policy: &Policy,
     options: &RunOptions,
     workspace: Option<&Path>,
     ids: &JobIds,
 ) -> Result<(), Error> {
     use crate::workspace::WorkspaceMode;
+    if workspace.is_some() && !policy.workspace.modes.contains(&options.workspace_mode) {
+        return Err(flag_err(
+            "--workspace",
+            format!(
+                "policy {} does not grant {} workspaces (workspace.modes: {})",
+                policy.name,
+                options.workspace_mode.name(),
+                policy
+                    .workspace
+                    .modes
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
     match (options.workspace_mode, workspace) {
         (WorkspaceMode::Direct, _) => Ok(()),
         (mode, None) => Err(flag_err(

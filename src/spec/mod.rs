@@ -109,6 +109,28 @@ pub struct Policy {
     /// The lowest Landlock ABI this policy is willing to run under.
     pub landlock_abi: u32,
     pub lifecycle: Lifecycle,
+    pub workspace: WorkspacePolicy,
+}
+
+/// Which workspace handles a job of this policy may get.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkspacePolicy {
+    /// "direct", "readonly" (a borrowed directory or published snapshot), "review".
+    pub modes: Vec<crate::workspace::WorkspaceMode>,
+    /// A second review job on a directory that has one: refused (false), or given its
+    /// own overlay of the same directory (true; the accept of the second then finds the
+    /// directory changed if the first was accepted, and is refused).
+    pub clone_concurrent_review: bool,
+}
+
+impl Default for WorkspacePolicy {
+    fn default() -> Self {
+        use crate::workspace::WorkspaceMode::*;
+        WorkspacePolicy {
+            modes: vec![Direct, Readonly, Review],
+            clone_concurrent_review: false,
+        }
+    }
 }
 
 /// How the daemon may keep and stop a job of this policy.
@@ -160,6 +182,15 @@ struct RawPolicy {
     sandbox: RawSandbox,
     #[serde(default)]
     lifecycle: RawLifecycle,
+    #[serde(default)]
+    workspace: RawWorkspace,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWorkspace {
+    modes: Option<Spanned<Vec<String>>>,
+    concurrent_review: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -459,6 +490,43 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         lifecycle.log_cap = bytes.map_err(|m| err(Some(c.span()), "lifecycle.log_cap", m))?;
     }
 
+    let mut workspace = WorkspacePolicy::default();
+    if let Some(m) = &raw.workspace.modes {
+        use crate::workspace::WorkspaceMode;
+        let mut modes = Vec::new();
+        for name in m.get_ref() {
+            let mode = match name.as_str() {
+                "direct" => WorkspaceMode::Direct,
+                "readonly" => WorkspaceMode::Readonly,
+                "review" => WorkspaceMode::Review,
+                other => {
+                    return Err(err(
+                        Some(m.span()),
+                        "workspace.modes",
+                        format!("expected \"direct\", \"readonly\" or \"review\", got \"{other}\""),
+                    ));
+                }
+            };
+            if !modes.contains(&mode) {
+                modes.push(mode);
+            }
+        }
+        workspace.modes = modes;
+    }
+    if let Some(c) = &raw.workspace.concurrent_review {
+        workspace.clone_concurrent_review = match c.get_ref().as_str() {
+            "refuse" => false,
+            "clone" => true,
+            other => {
+                return Err(err(
+                    Some(c.span()),
+                    "workspace.concurrent_review",
+                    format!("expected \"refuse\" or \"clone\", got \"{other}\""),
+                ));
+            }
+        };
+    }
+
     let id = |key: &str, v: &Option<Spanned<IdChoice>>| -> Result<Option<u32>, SpecError> {
         match v {
             None => Ok(None),
@@ -546,6 +614,7 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         hostname,
         landlock_abi,
         lifecycle,
+        workspace,
     })
 }
 
