@@ -907,3 +907,45 @@ fn the_policy_grants_handle_kinds_and_may_clone_concurrent_reviews() {
     assert_eq!(std::fs::read(src.join("edit.txt")).unwrap(), b"first\n");
     assert!(!src.join("new.txt").exists());
 }
+
+/// A job reaches neither another job's upper layer nor its own (it sees only the merged
+/// view), and the daemon's state directory is not in its root at all.
+#[test]
+fn a_job_cannot_reach_any_upper_layer() {
+    let d = TestDaemon::start(&[]);
+    let a = make_source(&d, "a");
+    let first = d.run_detached(
+        &["--review", "--workspace", a.to_str().unwrap()],
+        &["sh", "-c", "echo secret > mine.txt; sleep 600"],
+    );
+    let upper = d.state_dir().join("workspaces").join(&first).join("upper");
+    wait_until("the first job wrote its file", LIVENESS, || {
+        upper.join("mine.txt").exists()
+    });
+    let b = make_source(&d, "b");
+    let o = d.ctl(&[
+        "run",
+        "--review",
+        "--workspace",
+        b.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "cat {0}/mine.txt; ls {1}; ls {2}",
+            upper.display(),
+            d.state_dir().join("workspaces").display(),
+            d.state_dir().display()
+        ),
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!out_text(&o).contains("secret"), "{}", show(&o));
+    assert_eq!(
+        err_text(&o).matches("No such file or directory").count(),
+        3,
+        "{}",
+        show(&o)
+    );
+    d.ctl_ok(&["kill", "--grace", "0s", &first]);
+    d.wait_ended(&first);
+}
