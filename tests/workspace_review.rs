@@ -9,6 +9,7 @@ use common::daemon::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 /// The unprivileged owner of the test workspaces (the job runs as its owner).
@@ -544,6 +545,23 @@ fn accept_commit_records_provenance_and_never_takes_git_metadata_from_the_job() 
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let id = str_of(d.jobs().last().unwrap(), "id").to_owned();
+    // The owner looks at the repository meanwhile: `git status` rewrites .git/index,
+    // which is not the work tree moving on.
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let st = std::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "-C"])
+        .arg(&src)
+        .args(["status", "--porcelain"])
+        .uid(OWNER)
+        .gid(OWNER)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let o = d.ctl(&["--json", "accept", "--commit", &id]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let j: Value = serde_json::from_slice(&o.stdout).unwrap();

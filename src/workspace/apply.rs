@@ -41,6 +41,9 @@ pub fn is_git_metadata(rel: &str) -> bool {
 
 /// Entries of `source` whose status changed at or after `since` (ctime, which no
 /// user can set back), up to `limit` of them: the source "moved on" under the job.
+/// Git metadata is not looked at: `git status` alone rewrites .git/index, and what a
+/// change was made against is the work tree (a commit that changed work-tree files shows
+/// in those files).
 pub fn changed_since(
     source: &Path,
     since: SystemTime,
@@ -57,6 +60,9 @@ pub fn changed_since(
         let entries = std::fs::read_dir(&dir).map_err(io_err("read", &dir))?;
         for e in entries {
             let e = e.map_err(io_err("read", &dir))?;
+            if e.file_name() == ".git" {
+                continue;
+            }
             let r = rel.join(e.file_name());
             let m = std::fs::symlink_metadata(source.join(&r))
                 .map_err(io_err("stat", &source.join(&r)))?;
