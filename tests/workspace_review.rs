@@ -967,3 +967,59 @@ fn a_job_cannot_reach_any_upper_layer() {
     d.ctl_ok(&["kill", "--grace", "0s", &first]);
     d.wait_ended(&first);
 }
+
+/// A unique handle may also sit on a published snapshot: the snapshot never changes, so
+/// several may be live at once, and accepting one publishes a new snapshot.
+#[test]
+fn a_unique_handle_on_a_snapshot_publishes_a_new_one() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let id = review_job(&d, &src, "echo base > edit.txt");
+    let base = d.ctl_ok(&["accept", "--publish", &id]).trim().to_owned();
+    let base_tree = PathBuf::from(str_of(
+        &d.get(&format!("/v1/snapshots/{base}")).json(),
+        "path",
+    ));
+
+    // Two live handles on the same snapshot.
+    let other = d.run_detached(&["--review", "--snapshot", &base], &["sleep", "600"]);
+    let o = d.ctl(&[
+        "run",
+        "--review",
+        "--snapshot",
+        &base,
+        "--",
+        "sh",
+        "-c",
+        "echo changed >> edit.txt; echo n > new.txt",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let job = str_of(d.jobs().last().unwrap(), "id").to_owned();
+    assert_eq!(d.job(&job)["review"]["state"], "pending");
+    let r = d.post(&format!("/v1/jobs/{job}/accept"), "{}");
+    assert!(r.error(409).contains("never changes"));
+    let next = d.ctl_ok(&["accept", "--publish", &job]).trim().to_owned();
+    assert_ne!(next, base);
+    let next_tree = PathBuf::from(str_of(
+        &d.get(&format!("/v1/snapshots/{next}")).json(),
+        "path",
+    ));
+    assert_eq!(
+        std::fs::read(next_tree.join("edit.txt")).unwrap(),
+        b"base\nchanged\n"
+    );
+    assert_eq!(std::fs::read(next_tree.join("new.txt")).unwrap(), b"n\n");
+    assert_eq!(
+        std::fs::read(base_tree.join("edit.txt")).unwrap(),
+        b"base\n",
+        "the base snapshot changed"
+    );
+    assert!(!base_tree.join("new.txt").exists());
+    // Unchanged files are shared between the two snapshots (one object, linked twice).
+    let a = std::fs::metadata(base_tree.join("gone.txt")).unwrap();
+    let b = std::fs::metadata(next_tree.join("gone.txt")).unwrap();
+    assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+    d.ctl_ok(&["kill", "--grace", "0s", &other]);
+    d.wait_ended(&other);
+    d.ctl_ok(&["reject", &other]);
+}

@@ -179,6 +179,11 @@ pub async fn accept(
     let (mut record, review) = load(d, id)?;
     owner_or_root(d, &record, &requester, "workspace.accept").await?;
     pending(id, &review)?;
+    if record.info.snapshot.is_some() && !req.publish {
+        return Err(ApiError::conflict(format!(
+            "job {id} worked on a published snapshot, which never changes: accept --publish makes a new snapshot of the change"
+        )));
+    }
     if req.publish {
         if req.commit {
             return Err(ApiError::bad_request(

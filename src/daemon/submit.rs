@@ -36,10 +36,12 @@ pub async fn submit(
     check_policy_source(d, &req, &requester).await?;
     let mut req = req;
     if let Some(id) = &req.snapshot {
-        // A borrowed view of a published snapshot: shared, read-only, anyone's.
-        if req.workspace.is_some() || req.workspace_mode != WorkspaceMode::Direct {
+        // A published snapshot: borrowed read-only (anyone's), or the lower layer of a
+        // unique review handle (the job runs as its owner; a snapshot never changes, so
+        // any number of such handles may be live at once).
+        if req.workspace.is_some() || req.workspace_mode == WorkspaceMode::Readonly {
             return Err(ApiError::bad_request(
-                "snapshot: a job borrows a snapshot or gets a workspace directory, not both",
+                "snapshot: a job gets a snapshot or a workspace directory, not both",
             ));
         }
         let store = crate::workspace::snapshot::SnapshotStore::new(&d.opts.state_dir);
@@ -53,7 +55,9 @@ pub async fn submit(
             None => return Err(ApiError::not_found(format!("no snapshot {id}"))),
         }
         req.workspace = Some(store.tree(id).display().to_string());
-        req.workspace_mode = WorkspaceMode::Readonly;
+        if req.workspace_mode == WorkspaceMode::Direct {
+            req.workspace_mode = WorkspaceMode::Readonly;
+        }
     } else if let Some(ws) = &req.workspace {
         check_workspace(d, &requester, ws).await?;
     }
@@ -115,7 +119,7 @@ pub async fn submit(
         .then(|| plan.workspace.as_ref().map(|w| w.display().to_string()))
         .flatten();
     // The policy may let a second review job on a busy directory have its own overlay.
-    let review_clone = policy.workspace.clone_concurrent_review;
+    let review_clone = policy.workspace.clone_concurrent_review || req.snapshot.is_some();
     let validate_us = t_validate.elapsed().as_micros();
     // Published: the job exists from here on, in the store and in the table.
     let id = job::new_job_id();

@@ -224,15 +224,18 @@ fn last() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
-/// openat2 of a directory: absolute (`dir` None) or strictly below `dir`, never
-/// through a symlink. Hand-written: neither libc nor nix 0.32 wraps openat2.
+/// openat2 of a directory, never through a symlink: the source itself (`dir` None, an
+/// absolute path, which may well cross mount points on its way: /home, /tmp), or a
+/// path strictly below `dir` that stays on its file system (the overlay's lower layer
+/// did not see what is mounted inside the source, so the change is not about it).
+/// Hand-written: neither libc nor nix 0.32 wraps openat2.
 fn open_dir_beneath(dir: Option<&OwnedFd>, path: &Path) -> std::io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     let mut how: libc::open_how = unsafe_zeroed_how();
     how.flags = (libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     if dir.is_some() {
-        how.resolve |= libc::RESOLVE_BENEATH;
+        how.resolve |= libc::RESOLVE_BENEATH | libc::RESOLVE_NO_XDEV;
     }
     let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
     // SAFETY: openat2 with a valid path and a fully initialized open_how.

@@ -2,10 +2,15 @@
 //! borrow read-only (kernel model: Arc, a shared published object).
 //!
 //! Layout under `<state_dir>/snapshots`:
-//!   objects/<sha256>-<mode>   one file per distinct content and mode, root's, read-only;
-//!                             every snapshot holding that content hard-links it, so the
-//!                             link count is the object's reference count and snapshots
-//!                             share their storage;
+//!   objects/<sha256>-<mode>-<uid>-<gid>
+//!                             one file per distinct content, mode and owner; every
+//!                             snapshot holding it hard-links it, so the link count is
+//!                             the object's reference count and snapshots share their
+//!                             storage. Objects keep the published file's mode and owner
+//!                             (a unique handle on a snapshot runs as its owner) and are
+//!                             never written: nobody but root reaches them, borrowers get
+//!                             a read-only mount, and a review overlay writes to its
+//!                             own upper layer;
 //!   <id>/tree/                the snapshot's files (hard links to objects), directories
 //!                             and symlinks;
 //!   <id>/meta.json            SnapshotMeta.
@@ -141,6 +146,13 @@ impl SnapshotStore {
         }
         let tree = staging.join("tree");
         std::fs::create_dir_all(&tree).map_err(io_err("create", &tree))?;
+        // The tree's root looks like the published root (owner and mode): a job on the
+        // snapshot runs as that owner.
+        let top = std::fs::metadata(merged).map_err(io_err("stat", merged))?;
+        std::os::unix::fs::chown(&tree, Some(top.uid()), Some(top.gid()))
+            .map_err(io_err("chown", &tree))?;
+        std::fs::set_permissions(&tree, std::fs::Permissions::from_mode(top.mode() & 0o7777))
+            .map_err(io_err("chmod", &tree))?;
         let mut manifest = Sha256::new();
         let (mut files, mut bytes) = (0u64, 0u64);
         let mut stack = vec![PathBuf::new()];
@@ -161,23 +173,29 @@ impl SnapshotStore {
                 let to = tree.join(&r);
                 let m = std::fs::symlink_metadata(&from).map_err(io_err("stat", &from))?;
                 let mode = m.mode() & 0o7777;
+                let owner = (m.uid(), m.gid());
                 let entry = if m.is_dir() {
                     std::fs::create_dir(&to).map_err(io_err("create", &to))?;
                     std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
                         .map_err(io_err("chmod", &to))?;
+                    std::os::unix::fs::chown(&to, Some(owner.0), Some(owner.1))
+                        .map_err(io_err("chown", &to))?;
                     subdirs.push(r.clone());
-                    format!("dir\0{mode:o}")
+                    format!("dir\0{mode:o}\0{}:{}", owner.0, owner.1)
                 } else if m.file_type().is_symlink() {
                     let t = std::fs::read_link(&from).map_err(io_err("read the link", &from))?;
                     std::os::unix::fs::symlink(&t, &to).map_err(io_err("create", &to))?;
-                    format!("symlink\0{}", t.display())
+                    std::os::unix::fs::lchown(&to, Some(owner.0), Some(owner.1))
+                        .map_err(io_err("chown", &to))?;
+                    format!("symlink\0{}\0{}:{}", t.display(), owner.0, owner.1)
                 } else if m.is_file() {
-                    let hash = self.store_object(&from, mode & 0o1777)?;
-                    let object = objects.join(format!("{hash}-{:o}", mode & 0o1777));
+                    let key = format!("{:o}-{}-{}", mode & 0o1777, owner.0, owner.1);
+                    let hash = self.store_object(&from, mode & 0o1777, owner, &key)?;
+                    let object = objects.join(format!("{hash}-{key}"));
                     std::fs::hard_link(&object, &to).map_err(io_err("link", &to))?;
                     files += 1;
                     bytes += m.len();
-                    format!("file\0{:o}\0{hash}", mode & 0o1777)
+                    format!("file\0{hash}-{key}")
                 } else {
                     return Err(WorkspaceError::Refused(format!(
                         "{}: a special file cannot be published",
@@ -217,7 +235,13 @@ impl SnapshotStore {
 
     /// Copies a file into the object store (if its content and mode are new there);
     /// returns its content hash.
-    fn store_object(&self, from: &Path, mode: u32) -> Result<String, WorkspaceError> {
+    fn store_object(
+        &self,
+        from: &Path,
+        mode: u32,
+        owner: (u32, u32),
+        key: &str,
+    ) -> Result<String, WorkspaceError> {
         use std::os::unix::fs::OpenOptionsExt;
         let mut src = std::fs::OpenOptions::new()
             .read(true)
@@ -237,14 +261,14 @@ impl SnapshotStore {
             out.write_all(&buf[..n]).map_err(io_err("write", &tmp))?;
         }
         let hash = hex(&hasher.finalize());
-        let object = self.objects().join(format!("{hash}-{mode:o}"));
+        let object = self.objects().join(format!("{hash}-{key}"));
         if object.exists() {
             let _ = std::fs::remove_file(&tmp);
         } else {
             out.sync_all().map_err(io_err("write", &tmp))?;
-            // Read-only for everyone: objects are shared by every snapshot that holds
-            // them and never change.
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o555))
+            std::os::unix::fs::chown(&tmp, Some(owner.0), Some(owner.1))
+                .map_err(io_err("chown", &tmp))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
                 .map_err(io_err("chmod", &tmp))?;
             std::fs::rename(&tmp, &object).map_err(io_err("store", &object))?;
         }

@@ -29,14 +29,16 @@ pub struct RunArgs {
     /// DIR:ro gives it read-only (a borrowed view).
     #[arg(long, value_name = "DIR[:ro]")]
     pub workspace: Option<PathBuf>,
-    /// Give the job a unique overlay of --workspace instead of the directory: the
-    /// directory does not change while the job runs, and its change waits for
-    /// `agentctl diff`, `accept` or `reject`.
-    #[arg(long, requires = "workspace")]
+    /// Give the job a unique overlay of --workspace (or --snapshot) instead of the
+    /// directory: the directory does not change while the job runs, and its change waits
+    /// for `agentctl diff`, `accept` or `reject`.
+    #[arg(long)]
     pub review: bool,
     /// Borrow a published snapshot (its id, from `accept --publish` or `snapshot ls`)
     /// as the job's read-only workspace.
-    #[arg(long, value_name = "ID", conflicts_with_all = ["workspace", "review"])]
+    /// With --review: a unique handle on the snapshot instead (accept --publish then
+    /// makes a new snapshot of the change).
+    #[arg(long, value_name = "ID", conflicts_with = "workspace")]
     pub snapshot: Option<String>,
     /// Set KEY=VALUE in the job's environment, or pass KEY with agentctl's own value.
     /// Repeatable.
@@ -163,6 +165,11 @@ fn submit_request(
         None => (None, Default::default()),
     };
     if args.review {
+        if workspace_arg.is_none() && args.snapshot.is_none() {
+            return Err(Fail(
+                "--review needs --workspace DIR or --snapshot ID: the handle's source".into(),
+            ));
+        }
         if workspace_mode == agentd::workspace::WorkspaceMode::Readonly {
             return Err(Fail(
                 "--review gives the job a writable overlay; it does not go with --workspace DIR:ro"
