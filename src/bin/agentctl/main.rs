@@ -49,6 +49,8 @@ Examples:
   agentctl events -f --kind started,exited
   agentctl audit --verify
   LEASE=$(agentctl lease take --ttl 5m); agentctl run --lease \"$LEASE\" --detach -- ./task
+  agentctl run --review --workspace . -- ./agent   the change waits for review:
+  agentctl diff JOB; agentctl accept --commit JOB  (or: agentctl reject JOB)
 
 Environment:
   AGENTD_SOCKET   the daemon's socket (as --socket)";
