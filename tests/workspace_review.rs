@@ -1023,3 +1023,58 @@ fn a_unique_handle_on_a_snapshot_publishes_a_new_one() {
     d.wait_ended(&other);
     d.ctl_ok(&["reject", &other]);
 }
+
+/// `rollback` returns the directory to exactly what it was before the accept (from the
+/// pre-image), once; after a later edit it refuses, losing nothing.
+#[test]
+fn rollback_returns_the_source_to_its_pre_image() {
+    let d = TestDaemon::start(&[]);
+    let src = make_source(&d, "src");
+    let before = tree(&src);
+    let id = review_job(&d, &src, EDITS);
+    d.ctl_ok(&["accept", &id]);
+    assert_ne!(tree(&src), before);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let o = d.ctl(&["rollback", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let after = tree(&src);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &before {
+        assert_eq!(&after[k], v, "{k} differs after rollback");
+    }
+    assert_eq!(
+        std::fs::metadata(src.join("gone.txt")).unwrap().uid(),
+        OWNER
+    );
+    assert_eq!(d.job(&id)["review"]["state"], "rolled-back");
+    assert!(
+        d.audit()
+            .iter()
+            .any(|r| r["action"] == "workspace.rollback")
+    );
+    let r = d.post(&format!("/v1/jobs/{id}/rollback"), "");
+    assert!(r.error(409).contains("rolled back"));
+
+    // A later edit is never thrown away by a rollback. (The rollback's own writes
+    // must be more than accept's 20 ms window older than the next job.)
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let id = review_job(&d, &src, "echo agent > edit.txt");
+    d.ctl_ok(&["accept", &id]);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    std::fs::write(src.join("gone.txt"), "edited after the accept\n").unwrap();
+    let o = d.ctl(&["rollback", &id]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        err_text(&o).contains("changed since the change was accepted"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(std::fs::read(src.join("edit.txt")).unwrap(), b"agent\n");
+    assert_eq!(
+        std::fs::read(src.join("gone.txt")).unwrap(),
+        b"edited after the accept\n"
+    );
+}

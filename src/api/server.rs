@@ -227,6 +227,7 @@ fn routes(d: Arc<Daemon>) -> Router {
         .route("/v1/jobs/{id}/diff", get(diff))
         .route("/v1/jobs/{id}/accept", post(accept))
         .route("/v1/jobs/{id}/reject", post(reject))
+        .route("/v1/jobs/{id}/rollback", post(rollback))
         .route("/v1/snapshots", get(list_snapshots))
         .route(
             "/v1/snapshots/{id}",
@@ -413,6 +414,17 @@ async fn accept(
 ) -> ApiResult<JobInfo> {
     let (who, body) = json_body::<AcceptRequest>(req).await?;
     to_the_end(async move { crate::daemon::review::accept(&d, &id, body, who).await })
+        .await
+        .map(axum::Json)
+}
+
+async fn rollback(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<JobInfo> {
+    let who = peer(&req);
+    to_the_end(async move { crate::daemon::review::rollback(&d, &id, who).await })
         .await
         .map(axum::Json)
 }

@@ -240,6 +240,9 @@ pub enum ReviewState {
     Pending,
     Accepted,
     Rejected,
+    /// Accepted, then returned to the pre-image (`agentctl rollback`).
+    #[serde(rename = "rolled-back")]
+    RolledBack,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -396,6 +399,8 @@ pub enum EventKind {
     Accepted,
     /// A review workspace's change was discarded.
     Rejected,
+    /// An accepted change was undone (the source returned to its pre-image).
+    RolledBack,
     /// Sent to a follower that fell behind: `detail` says how many events it missed.
     Lagged,
 }

@@ -116,6 +116,7 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::LeaseExpired => "lease-expired",
         EventKind::Accepted => "accepted",
         EventKind::Rejected => "rejected",
+        EventKind::RolledBack => "rolled-back",
         EventKind::Lagged => "lagged",
     }
 }
@@ -161,6 +162,7 @@ mod tests {
         for kind in [
             EventKind::LeaseExpired,
             EventKind::Accepted,
+            EventKind::RolledBack,
             EventKind::Submitted,
             EventKind::Lagged,
         ] {

@@ -152,6 +152,7 @@ fn state_name(s: ReviewState) -> &'static str {
         ReviewState::Pending => "pending",
         ReviewState::Accepted => "accepted",
         ReviewState::Rejected => "rejected",
+        ReviewState::RolledBack => "rolled back",
     }
 }
 
@@ -456,6 +457,98 @@ async fn publish(
         ),
     };
     finish(d, id, record, decided, op, EventKind::Accepted).await
+}
+
+/// POST /v1/jobs/{id}/rollback: returns the source to the pre-image an accept kept.
+/// Refused if the source changed since the accept (what changed would be lost).
+pub async fn rollback(
+    d: &Arc<Daemon>,
+    id: &str,
+    requester: Requester,
+) -> Result<JobInfo, ApiError> {
+    let _ordered = d.ordered(id).await;
+    let (mut record, review) = load(d, id)?;
+    owner_or_root(d, &record, &requester, "workspace.rollback").await?;
+    let before = match (&review.state, &review.before) {
+        (ReviewState::Accepted, Some(before)) => before.clone(),
+        (ReviewState::Accepted, None) => {
+            return Err(ApiError::conflict(format!(
+                "job {id}'s change was published as a snapshot; the source never changed (agentctl snapshot rm removes the snapshot)"
+            )));
+        }
+        (s, _) => {
+            return Err(ApiError::conflict(format!(
+                "job {id}'s change is {}: only an accepted change can be rolled back",
+                state_name(*s)
+            )));
+        }
+    };
+    let since = UNIX_EPOCH + Duration::from_millis(review.decided_ms.unwrap_or(0) + 1);
+    let source = review.source.clone();
+    let before_dir = before.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> Result<Result<(usize, usize), String>, ApiError> {
+        let moved = apply::changed_since(source.as_ref(), since, MOVED_ON_SHOWN)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if !moved.is_empty() {
+            return Ok(Err(format!(
+                "{source} changed since the change was accepted: {}; rolling back would lose that, so nothing was restored (the pre-image is {before_dir})",
+                moved.join(", ")
+            )));
+        }
+        match apply::restore(source.as_ref(), before_dir.as_ref()) {
+            Ok(n) => Ok(Ok(n)),
+            Err(crate::workspace::WorkspaceError::Refused(why)) => Ok(Err(why)),
+            Err(e) => Err(ApiError::internal(format!(
+                "restoring failed part way: {e}; the pre-image is still in {before_dir}"
+            ))),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    let (restored, removed) = match outcome {
+        Ok(n) => n,
+        Err(why) => {
+            deny(
+                d,
+                &requester,
+                "workspace.rollback",
+                Some(id),
+                "workspace review",
+                &why,
+            )
+            .await;
+            return Err(ApiError::conflict(why));
+        }
+    };
+    let decided = ReviewInfo {
+        state: ReviewState::RolledBack,
+        decided_by: Some(requester.clone()),
+        decided_ms: Some(now_ms()),
+        ..review.clone()
+    };
+    let op = NewOperation {
+        requester: requester.clone(),
+        action: "workspace.rollback".into(),
+        target: Some(id.to_owned()),
+        authority: format!(
+            "{} may decide job {id}'s change ({}); the source has not changed since the accept",
+            who(&requester),
+            if requester.uid == 0 {
+                "root"
+            } else {
+                "its submitter"
+            }
+        ),
+        change: serde_json::json!({
+            "job": id, "source": review.source, "review": {"before": "accepted", "after": "rolled-back"},
+            "restored": restored, "removed": removed, "from": before,
+            "commit_left": review.commit,
+        }),
+        rollback: format!(
+            "the accepted state is job {id}'s change: run the job again and accept it (a commit it made stays in git history: git revert it if wanted)"
+        ),
+    };
+    finish(d, id, &mut record, decided, op, EventKind::RolledBack).await
 }
 
 /// POST /v1/jobs/{id}/reject: discards the change; the source never changed.

@@ -550,3 +550,93 @@ fn put_symlink(
     }
     rename_into_place(dir, &tmp, name)
 }
+
+/// Returns `source` to the pre-image an accept kept in `before`: every saved entry is
+/// put back (by the same safe `*at` writes as accept), and the paths the change created
+/// are removed. Returns how many entries were restored and removed.
+pub fn restore(source: &Path, before: &Path) -> Result<(usize, usize), WorkspaceError> {
+    let mpath = before.join(".agentd-preimage.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&mpath).map_err(io_err("read", &mpath))?)
+            .map_err(|e| WorkspaceError::Refused(format!("{}: {e}", mpath.display())))?;
+    let created: Vec<String> = manifest["created"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    for rel in &created {
+        check_rel(rel)?;
+    }
+    let root = open_dir_beneath(None, source).map_err(io_err("open", source))?;
+    // 1. What the change created goes, deepest first.
+    let mut gone: Vec<&String> = created.iter().collect();
+    gone.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    let mut removed = 0;
+    for rel in gone {
+        match parent_of(&root, Path::new(rel)) {
+            Ok((dir, name)) => {
+                remove_entry(&dir, &name).map_err(io_err("remove", Path::new(rel)))?;
+                removed += 1;
+            }
+            // Below something already removed.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(io_err("open the parent of", Path::new(rel))(e)),
+        }
+    }
+    // 2. The saved entries come back, parents first.
+    let mut restored = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let from_dir = before.join(&rel);
+        let mut names: Vec<_> = std::fs::read_dir(&from_dir)
+            .map_err(io_err("read", &from_dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io_err("read", &from_dir))?;
+        names.sort();
+        for name in names {
+            if rel.as_os_str().is_empty() && name == ".agentd-preimage.json" {
+                continue;
+            }
+            let r = rel.join(&name);
+            let from = before.join(&r);
+            let meta = std::fs::symlink_metadata(&from).map_err(io_err("stat", &from))?;
+            let (dir, cname) = parent_of(&root, &r).map_err(io_err("open the parent of", &r))?;
+            if meta.is_dir() {
+                // A directory the change removed comes back with its saved mode and
+                // owner; one that is there is left as it is (the pre-image may hold it
+                // only as the parent of saved entries, with no attributes of its own).
+                match lstat_at(&dir, &cname).map_err(io_err("stat", &r))? {
+                    Some(st) if is_dir(&st) => {}
+                    Some(_) => {
+                        remove_entry(&dir, &cname).map_err(io_err("remove", &r))?;
+                        put_dir(&dir, &cname, &meta).map_err(io_err("restore", &r))?;
+                    }
+                    None => {
+                        put_dir(&dir, &cname, &meta).map_err(io_err("restore", &r))?;
+                    }
+                }
+                stack.push(r);
+                continue;
+            }
+            // Whatever the change left at this path (a file, or a directory that
+            // replaced a file) gives way to the saved entry.
+            if let Some(st) = lstat_at(&dir, &cname).map_err(io_err("stat", &r))?
+                && is_dir(&st)
+            {
+                remove_entry(&dir, &cname).map_err(io_err("remove", &r))?;
+            }
+            if meta.file_type().is_symlink() {
+                let t = std::fs::read_link(&from).map_err(io_err("read the link", &from))?;
+                put_symlink(&dir, &cname, &t, &meta).map_err(io_err("restore", &r))?;
+            } else {
+                put_file(&dir, &cname, &from, &meta).map_err(io_err("restore", &r))?;
+            }
+            restored += 1;
+        }
+    }
+    Ok((restored, removed))
+}

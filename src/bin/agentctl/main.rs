@@ -164,10 +164,14 @@ enum Command {
     Snapshot(SnapshotCommand),
     /// Discard a review job's change; the workspace directory never changed.
     Reject { job: String },
+    /// Undo an accepted change: return the workspace directory to what accept kept
+    /// (refused if the directory changed since; a commit stays in git history).
+    Rollback { job: String },
     /// Print lifecycle events, one line each: TIME SEQ KIND JOB DETAIL.
     #[command(
         after_help = "Kinds: submitted admitted started frozen thawed exited killed failed lost adopted\n\
-        detached denied lease-taken lease-renewed lease-released lease-expired accepted rejected lagged\n\n\
+        detached denied lease-taken lease-renewed lease-released lease-expired accepted rejected\n\
+        rolled-back lagged\n\n\
         Examples:\n  agentctl events -f --job JOB\n  agentctl events --kind exited,failed --since 100"
     )]
     Events {
@@ -305,6 +309,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
             SnapshotCommand::Rm { id } => review::snapshot_rm(client, &id, json).await,
         },
         Command::Reject { job } => review::reject(client, &job, json).await,
+        Command::Rollback { job } => review::rollback(client, &job, json).await,
         Command::Wait { job } => c::wait(client, &job, json).await,
         Command::Events {
             follow,

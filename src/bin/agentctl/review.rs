@@ -69,6 +69,7 @@ pub fn review_state_name(s: ReviewState) -> &'static str {
         ReviewState::Pending => "pending review",
         ReviewState::Accepted => "accepted",
         ReviewState::Rejected => "rejected",
+        ReviewState::RolledBack => "rolled back",
     }
 }
 
@@ -215,6 +216,26 @@ pub async fn snapshot_rm(client: &Client, id: &str, json: bool) -> Result<i32, F
         ))?;
     } else {
         emit(&format!("snapshot {} removed\n", s.meta.id))?;
+    }
+    Ok(0)
+}
+
+/// `rollback`: returns the directory to the pre-image of an accepted change.
+pub async fn rollback(client: &Client, id: &str, json: bool) -> Result<i32, Fail> {
+    let job: JobInfo = client
+        .post_empty(&format!("{}/rollback", job_path(id)))
+        .await?;
+    if json {
+        emit_json(&job)?;
+    } else {
+        let source = job
+            .review
+            .as_ref()
+            .map_or("the workspace", |r| r.source.as_str());
+        emit(&format!(
+            "job {}: change rolled back; {source} is as it was before the accept\n",
+            job.id
+        ))?;
     }
     Ok(0)
 }
