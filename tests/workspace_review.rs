@@ -504,14 +504,10 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// `accept --commit` in a git work tree: the commit is authored and signed off by the
-/// accepting user (their git identity; here the repository's own configuration), with
-/// an Assisted-by trailer for the job's agent and model and no Signed-off-by for the
-/// agent; the job's edits to .git (a hook) are not applied and never run.
-#[test]
-fn accept_commit_records_provenance_and_never_takes_git_metadata_from_the_job() {
-    let d = TestDaemon::start(&[]);
-    let src = make_source(&d, "repo");
+/// make_source as a git repository with one commit, whose own configuration names the
+/// accepting user (root, in these tests) "Rev Iewer <reviewer@example.org>".
+fn git_repo(d: &TestDaemon, name: &str) -> PathBuf {
+    let src = make_source(d, name);
     git(&src, &["init", "-q", "-b", "main"]);
     git(&src, &["config", "user.name", "Rev Iewer"]);
     git(&src, &["config", "user.email", "reviewer@example.org"]);
@@ -522,6 +518,17 @@ fn accept_commit_records_provenance_and_never_takes_git_metadata_from_the_job() 
     );
     chown_tree(&src);
     std::thread::sleep(std::time::Duration::from_millis(50));
+    src
+}
+
+/// `accept --commit` in a git work tree: the commit is authored and signed off by the
+/// accepting user (their git identity; here the repository's own configuration), with
+/// an Assisted-by trailer for the job's agent and model and no Signed-off-by for the
+/// agent; the job's edits to .git (a hook) are not applied and never run.
+#[test]
+fn accept_commit_records_provenance_and_never_takes_git_metadata_from_the_job() {
+    let d = TestDaemon::start(&[]);
+    let src = git_repo(&d, "repo");
     let marker = d.path("hook-ran");
     let script = format!(
         "set -e; echo changed >> edit.txt; echo new > new.txt; \
@@ -739,17 +746,7 @@ with open("edit.txt", "a") as f:
 #[test]
 fn a_jobs_tool_calls_come_through_its_socket_into_the_provenance() {
     let d = TestDaemon::start(&[]);
-    let src = make_source(&d, "repo");
-    git(&src, &["init", "-q", "-b", "main"]);
-    git(&src, &["config", "user.name", "Rev Iewer"]);
-    git(&src, &["config", "user.email", "reviewer@example.org"]);
-    git(&src, &["add", "-A"]);
-    git(
-        &src,
-        &["-c", "commit.gpgsign=false", "commit", "-q", "-m", "base"],
-    );
-    chown_tree(&src);
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    let src = git_repo(&d, "repo");
     let o = d.ctl(&[
         "run",
         "--review",

@@ -8,8 +8,7 @@ use super::{Daemon, now_ms};
 use crate::api::types::{AcceptRequest, DiffResponse, EventKind, JobInfo, ReviewInfo, ReviewState};
 use crate::audit::{NewOperation, Requester};
 use crate::store::{JobRecord, WriteBatch};
-use crate::workspace::snapshot::SnapshotMeta;
-use crate::workspace::{ReviewLayers, apply, diff, git};
+use crate::workspace::{ReviewLayers, WorkspaceError, apply, diff, git};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -126,10 +125,10 @@ pub async fn diff(
     let changes = match review.state {
         ReviewState::Open | ReviewState::Pending => {
             let (source, upper) = (review.source.clone(), layers.upper());
-            tokio::task::spawn_blocking(move || diff::scan(source.as_ref(), &upper))
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?
-                .map_err(|e| ApiError::internal(e.to_string()))?
+            blocking(move || {
+                diff::scan(source.as_ref(), &upper).map_err(|e| ApiError::internal(e.to_string()))
+            })
+            .await?
         }
         state => {
             return Err(ApiError::conflict(format!(
@@ -198,20 +197,7 @@ pub async fn accept(
     let provenance = if req.commit {
         let source = review.source.clone();
         let (uid, gid) = (requester.uid, requester.gid);
-        let checked = tokio::task::spawn_blocking(move || -> Result<(u32, u32, git::Identity), String> {
-            use std::os::unix::fs::MetadataExt;
-            let meta = std::fs::metadata(&source).map_err(|e| format!("{source}: {e}"))?;
-            let owner = (meta.uid(), meta.gid());
-            if !git::is_work_tree(source.as_ref(), owner) {
-                return Err(format!(
-                    "{source} is not in a git work tree: accept without --commit, or make it one"
-                ));
-            }
-            let human = git::identity_of(uid, gid, source.as_ref())?;
-            Ok((owner.0, owner.1, human))
-        })
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        let checked = blocking(move || Ok(commit_prerequisites(&source, uid, gid))).await?;
         match checked {
             Ok(p) => Some(p),
             Err(why) => return Err(ApiError::conflict(why)),
@@ -221,47 +207,31 @@ pub async fn accept(
     };
     let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
     // The source may not have changed since the job was submitted: the job saw it
-    // live through the overlay, and the change was made against that state. ctime is
-    // kept by the kernel at a coarse clock, so the bound is taken a little early:
-    // a false alarm is possible within those 20 ms, a missed change is not.
-    let since =
-        UNIX_EPOCH + Duration::from_millis(record.info.submitted_ms) - Duration::from_millis(20);
+    // live through the overlay, and the change was made against that state.
+    let since = since_submission(&record);
     let source = review.source.clone();
     let (upper, before) = (layers.upper(), layers.before());
-    let outcome = tokio::task::spawn_blocking(move || -> Result<Result<apply::Applied, String>, ApiError> {
-        let moved = apply::changed_since(source.as_ref(), since, MOVED_ON_SHOWN)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        if !moved.is_empty() {
+    let outcome = blocking(move || {
+        if let Some(moved) = moved_on(&source, since)? {
             return Ok(Err(format!(
-                "{source} changed since the job started (ctime after {}): {}{}; the job's change was made against an older state and is not applied (agentctl diff shows it; reject it, or run the job again)",
-                humantime_ms(since),
-                moved.join(", "),
-                if moved.len() >= MOVED_ON_SHOWN { ", ..." } else { "" }
+                "{source} changed since the job started: {moved}; the job's change was made against an older state and is not applied (agentctl diff shows it; reject it, or run the job again)"
             )));
         }
-        let changes = diff::scan(source.as_ref(), &upper).map_err(|e| ApiError::internal(e.to_string()))?;
+        let changes = diff::scan(source.as_ref(), &upper)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         match apply::apply(source.as_ref(), &upper, &changes, &before) {
             Ok(a) => Ok(Ok(a)),
-            Err(crate::workspace::WorkspaceError::Refused(why)) => Ok(Err(why)),
-            Err(e) => Err(ApiError::internal(format!("applying the change failed part way: {e}; what it replaced is in {}", before.display()))),
+            Err(WorkspaceError::Refused(why)) => Ok(Err(why)),
+            Err(e) => Err(ApiError::internal(format!(
+                "applying the change failed part way: {e}; what it replaced is in {}",
+                before.display()
+            ))),
         }
     })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    .await?;
     let applied = match outcome {
         Ok(a) => a,
-        Err(why) => {
-            deny(
-                d,
-                &requester,
-                "workspace.accept",
-                Some(id),
-                "workspace review",
-                &why,
-            )
-            .await;
-            return Err(ApiError::conflict(why));
-        }
+        Err(why) => return Err(refuse(d, &requester, "workspace.accept", id, why).await),
     };
     // The layers are spent; the pre-image stays, as the way back.
     let _ = std::fs::remove_dir_all(layers.upper());
@@ -291,18 +261,17 @@ pub async fn accept(
                 human.clone(),
                 (*uid, *gid),
             );
-            match tokio::task::spawn_blocking(move || {
-                git::commit(
+            match blocking(move || {
+                Ok(git::commit(
                     source.as_ref(),
                     owner,
                     &paths,
                     &message,
                     &assisted_by,
                     &human,
-                )
+                ))
             })
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
+            .await?
             {
                 Ok(sha) => Some(sha),
                 Err(e) => {
@@ -314,40 +283,29 @@ pub async fn accept(
         _ => None,
     };
     let decided = ReviewInfo {
-        state: ReviewState::Accepted,
-        decided_by: Some(requester.clone()),
-        decided_ms: Some(now_ms()),
         changes: Some(applied.changes),
         before: Some(applied.before.display().to_string()),
         skipped: applied.skipped.clone(),
         commit: commit.clone(),
-        ..review.clone()
+        ..decided(&review, ReviewState::Accepted, &requester)
     };
-    let op = NewOperation {
-        requester: requester.clone(),
-        action: "workspace.accept".into(),
-        target: Some(id.to_owned()),
-        authority: format!(
-            "{} may decide job {id}'s change ({}); the source has not changed since the job started",
-            who(&requester),
-            if requester.uid == 0 {
-                "root"
-            } else {
-                "its submitter"
-            }
-        ),
-        change: serde_json::json!({
+    let op = decision_op(
+        &requester,
+        "workspace.accept",
+        id,
+        "; the source has not changed since the job started",
+        serde_json::json!({
             "job": id, "source": review.source, "review": {"before": "pending", "after": "accepted"},
             "entries": applied.changes, "created": applied.created,
             "skipped": applied.skipped, "commit": commit, "commit_error": commit_error,
             "signed_off_by": provenance.as_ref().map(|p| p.2.line()),
         }),
-        rollback: format!(
-            "return {} to the snapshot {}: copy its entries back over the source and delete the paths its .agentd-preimage.json lists as created",
+        format!(
+            "agentctl rollback {id}: return {} to the snapshot {} (its entries back over the source, the paths its .agentd-preimage.json lists as created deleted)",
             review.source,
             applied.before.display()
         ),
-    };
+    );
     let info = finish(d, id, &mut record, decided, op, EventKind::Accepted).await?;
     match commit_error {
         None => Ok(info),
@@ -378,18 +336,14 @@ async fn publish(
     requester: Requester,
 ) -> Result<JobInfo, ApiError> {
     let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
-    let since =
-        UNIX_EPOCH + Duration::from_millis(record.info.submitted_ms) - Duration::from_millis(20);
+    let since = since_submission(record);
     let source = review.source.clone();
     let store = super::snapshots::store(d);
     let job = id.to_owned();
-    let published = tokio::task::spawn_blocking(move || -> Result<Result<SnapshotMeta, String>, ApiError> {
-        let moved = apply::changed_since(source.as_ref(), since, MOVED_ON_SHOWN)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        if !moved.is_empty() {
+    let published = blocking(move || {
+        if let Some(moved) = moved_on(&source, since)? {
             return Ok(Err(format!(
-                "{source} changed since the job started: {}; the change is not published (reject it, or run the job again)",
-                moved.join(", ")
+                "{source} changed since the job started: {moved}; the change is not published (reject it, or run the job again)"
             )));
         }
         let merged = layers
@@ -406,56 +360,33 @@ async fn publish(
                 let _ = layers.remove();
                 Ok(Ok(m))
             }
-            Err(crate::workspace::WorkspaceError::Refused(why)) => Ok(Err(why)),
+            Err(WorkspaceError::Refused(why)) => Ok(Err(why)),
             Err(e) => Err(ApiError::internal(e.to_string())),
         }
     })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    .await?;
     let meta = match published {
         Ok(m) => m,
-        Err(why) => {
-            deny(
-                d,
-                &requester,
-                "workspace.publish",
-                Some(id),
-                "workspace review",
-                &why,
-            )
-            .await;
-            return Err(ApiError::conflict(why));
-        }
+        Err(why) => return Err(refuse(d, &requester, "workspace.publish", id, why).await),
     };
     let decided = ReviewInfo {
-        state: ReviewState::Accepted,
-        decided_by: Some(requester.clone()),
-        decided_ms: Some(now_ms()),
         snapshot: Some(meta.id.clone()),
-        ..review.clone()
+        ..decided(&review, ReviewState::Accepted, &requester)
     };
-    let op = NewOperation {
-        requester: requester.clone(),
-        action: "workspace.publish".into(),
-        target: Some(id.to_owned()),
-        authority: format!(
-            "{} may decide job {id}'s change ({}); the source has not changed since the job started",
-            who(&requester),
-            if requester.uid == 0 {
-                "root"
-            } else {
-                "its submitter"
-            }
-        ),
-        change: serde_json::json!({
+    let op = decision_op(
+        &requester,
+        "workspace.publish",
+        id,
+        "; the source has not changed since the job started",
+        serde_json::json!({
             "job": id, "source": review.source, "review": {"before": "pending", "after": "accepted"},
             "snapshot": meta.id, "files": meta.files, "bytes": meta.bytes,
         }),
-        rollback: format!(
+        format!(
             "agentctl snapshot rm {} (the source {} never changed and is the snapshot to return to)",
             meta.id, review.source
         ),
-    };
+    );
     finish(d, id, record, decided, op, EventKind::Accepted).await
 }
 
@@ -486,68 +417,40 @@ pub async fn rollback(
     let since = UNIX_EPOCH + Duration::from_millis(review.decided_ms.unwrap_or(0) + 1);
     let source = review.source.clone();
     let before_dir = before.clone();
-    let outcome = tokio::task::spawn_blocking(move || -> Result<Result<(usize, usize), String>, ApiError> {
-        let moved = apply::changed_since(source.as_ref(), since, MOVED_ON_SHOWN)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        if !moved.is_empty() {
+    let outcome = blocking(move || {
+        if let Some(moved) = moved_on(&source, since)? {
             return Ok(Err(format!(
-                "{source} changed since the change was accepted: {}; rolling back would lose that, so nothing was restored (the pre-image is {before_dir})",
-                moved.join(", ")
+                "{source} changed since the change was accepted: {moved}; rolling back would lose that, so nothing was restored (the pre-image is {before_dir})"
             )));
         }
         match apply::restore(source.as_ref(), before_dir.as_ref()) {
             Ok(n) => Ok(Ok(n)),
-            Err(crate::workspace::WorkspaceError::Refused(why)) => Ok(Err(why)),
+            Err(WorkspaceError::Refused(why)) => Ok(Err(why)),
             Err(e) => Err(ApiError::internal(format!(
                 "restoring failed part way: {e}; the pre-image is still in {before_dir}"
             ))),
         }
     })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    .await?;
     let (restored, removed) = match outcome {
         Ok(n) => n,
-        Err(why) => {
-            deny(
-                d,
-                &requester,
-                "workspace.rollback",
-                Some(id),
-                "workspace review",
-                &why,
-            )
-            .await;
-            return Err(ApiError::conflict(why));
-        }
+        Err(why) => return Err(refuse(d, &requester, "workspace.rollback", id, why).await),
     };
-    let decided = ReviewInfo {
-        state: ReviewState::RolledBack,
-        decided_by: Some(requester.clone()),
-        decided_ms: Some(now_ms()),
-        ..review.clone()
-    };
-    let op = NewOperation {
-        requester: requester.clone(),
-        action: "workspace.rollback".into(),
-        target: Some(id.to_owned()),
-        authority: format!(
-            "{} may decide job {id}'s change ({}); the source has not changed since the accept",
-            who(&requester),
-            if requester.uid == 0 {
-                "root"
-            } else {
-                "its submitter"
-            }
-        ),
-        change: serde_json::json!({
+    let decided = decided(&review, ReviewState::RolledBack, &requester);
+    let op = decision_op(
+        &requester,
+        "workspace.rollback",
+        id,
+        "; the source has not changed since the accept",
+        serde_json::json!({
             "job": id, "source": review.source, "review": {"before": "accepted", "after": "rolled-back"},
             "restored": restored, "removed": removed, "from": before,
             "commit_left": review.commit,
         }),
-        rollback: format!(
+        format!(
             "the accepted state is job {id}'s change: run the job again and accept it (a commit it made stays in git history: git revert it if wanted)"
         ),
-    };
+    );
     finish(d, id, &mut record, decided, op, EventKind::RolledBack).await
 }
 
@@ -559,39 +462,129 @@ pub async fn reject(d: &Arc<Daemon>, id: &str, requester: Requester) -> Result<J
     pending(id, &review)?;
     let layers = ReviewLayers::for_job(&d.opts.state_dir, id);
     let layers_dir = layers.dir.clone();
-    tokio::task::spawn_blocking(move || layers.remove())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let decided = ReviewInfo {
-        state: ReviewState::Rejected,
-        decided_by: Some(requester.clone()),
-        decided_ms: Some(now_ms()),
-        ..review.clone()
-    };
-    let op = NewOperation {
-        requester: requester.clone(),
-        action: "workspace.reject".into(),
-        target: Some(id.to_owned()),
-        authority: format!(
-            "{} may decide job {id}'s change ({})",
-            who(&requester),
-            if requester.uid == 0 {
-                "root"
-            } else {
-                "its submitter"
-            }
-        ),
-        change: serde_json::json!({
+    blocking(move || {
+        layers
+            .remove()
+            .map_err(|e| ApiError::internal(e.to_string()))
+    })
+    .await?;
+    let decided = decided(&review, ReviewState::Rejected, &requester);
+    let op = decision_op(
+        &requester,
+        "workspace.reject",
+        id,
+        "",
+        serde_json::json!({
             "job": id, "source": review.source, "review": {"before": "pending", "after": "rejected"},
             "discarded": layers_dir.display().to_string(),
         }),
-        rollback: format!(
+        format!(
             "none needed: {} is the snapshot to return to, and it never changed; the discarded change is gone",
             review.source
         ),
-    };
+    );
     finish(d, id, &mut record, decided, op, EventKind::Rejected).await
+}
+
+/// What `accept --commit` needs, checked before anything is applied: the source is in
+/// a git work tree (asked as its owner, who will run the commit), and the accepting
+/// user has a git identity. Returns the owner and that identity.
+fn commit_prerequisites(
+    source: &str,
+    uid: u32,
+    gid: u32,
+) -> Result<(u32, u32, git::Identity), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(source).map_err(|e| format!("{source}: {e}"))?;
+    let owner = (meta.uid(), meta.gid());
+    if !git::is_work_tree(source.as_ref(), owner) {
+        return Err(format!(
+            "{source} is not in a git work tree: accept without --commit, or make it one"
+        ));
+    }
+    let human = git::identity_of(uid, gid, source.as_ref())?;
+    Ok((owner.0, owner.1, human))
+}
+
+/// Runs blocking file work (walks, copies, git) off the runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// When a change's source is taken to be "as the job saw it": the job's submission.
+/// ctime is kept by the kernel at a coarse clock, so the bound is taken a little early:
+/// a false alarm is possible within those 20 ms, a missed change is not.
+fn since_submission(record: &JobRecord) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(record.info.submitted_ms) - Duration::from_millis(20)
+}
+
+/// The entries of `source` changed at or after `since`, as a list for a refusal, or
+/// None if it has not moved on.
+fn moved_on(source: &str, since: SystemTime) -> Result<Option<String>, ApiError> {
+    let moved = apply::changed_since(source.as_ref(), since, MOVED_ON_SHOWN)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((!moved.is_empty()).then(|| {
+        let more = if moved.len() >= MOVED_ON_SHOWN {
+            ", ..."
+        } else {
+            ""
+        };
+        format!("{}{more}", moved.join(", "))
+    }))
+}
+
+/// A refusal of a decision: an operation row, and 409 with the reason.
+async fn refuse(
+    d: &Daemon,
+    requester: &Requester,
+    action: &str,
+    id: &str,
+    why: String,
+) -> ApiError {
+    deny(d, requester, action, Some(id), "workspace review", &why).await;
+    ApiError::conflict(why)
+}
+
+/// The review as decided by `requester` now.
+fn decided(review: &ReviewInfo, state: ReviewState, requester: &Requester) -> ReviewInfo {
+    ReviewInfo {
+        state,
+        decided_by: Some(requester.clone()),
+        decided_ms: Some(now_ms()),
+        ..review.clone()
+    }
+}
+
+/// The operation row of a decision on job `id`'s change; `condition` is what was
+/// checked beyond who decides.
+fn decision_op(
+    requester: &Requester,
+    action: &str,
+    id: &str,
+    condition: &str,
+    change: serde_json::Value,
+    rollback: String,
+) -> NewOperation {
+    let role = if requester.uid == 0 {
+        "root"
+    } else {
+        "its submitter"
+    };
+    NewOperation {
+        requester: requester.clone(),
+        action: action.into(),
+        target: Some(id.to_owned()),
+        authority: format!(
+            "{} may decide job {id}'s change ({role}){condition}",
+            who(requester)
+        ),
+        change,
+        rollback,
+    }
 }
 
 async fn finish(
@@ -617,9 +610,4 @@ async fn finish(
         decided.source.clone(),
     );
     Ok(record.info.clone())
-}
-
-fn humantime_ms(t: SystemTime) -> String {
-    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
-    format!("{ms} ms since the epoch")
 }

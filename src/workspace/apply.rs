@@ -591,12 +591,7 @@ pub fn restore(source: &Path, before: &Path) -> Result<(usize, usize), Workspace
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let from_dir = before.join(&rel);
-        let mut names: Vec<_> = std::fs::read_dir(&from_dir)
-            .map_err(io_err("read", &from_dir))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(io_err("read", &from_dir))?;
-        names.sort();
+        let names = super::sorted_names(&from_dir)?;
         for name in names {
             if rel.as_os_str().is_empty() && name == ".agentd-preimage.json" {
                 continue;

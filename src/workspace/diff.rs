@@ -143,12 +143,7 @@ fn walk(
     out: &mut Vec<Change>,
 ) -> Result<(), WorkspaceError> {
     let dir = upper.join(rel);
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .map_err(io_err("read", &dir))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(io_err("read", &dir))?;
-    names.sort();
+    let names = super::sorted_names(&dir)?;
     for name in names {
         let r = rel.join(&name);
         let up = upper.join(&r);

@@ -137,46 +137,12 @@ impl ReviewLayers {
     /// The finished change over `source`, read-only: both as lower layers (the upper
     /// one on top, its whiteouts and opaque directories honoured), for publishing.
     pub fn mount_merged_readonly(&self, source: &Path) -> Result<OwnedFd, WorkspaceError> {
-        let c = |s: &str| CString::new(s).expect("no NUL in overlay options");
-        let esc = |p: &Path| {
-            p.display()
-                .to_string()
-                .replace('\\', "\\\\")
-                .replace(':', "\\:")
-        };
-        let lower = format!("{}:{}", esc(&self.upper()), esc(source));
-        let options = [
-            (c("lowerdir"), c(&lower)),
-            (c("redirect_dir"), c("off")),
-            (c("metacopy"), c("off")),
-            (c("index"), c("off")),
-            (c("xino"), c("off")),
-        ];
-        let pairs: Vec<(&std::ffi::CStr, &std::ffi::CStr)> = options
-            .iter()
-            .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
-            .collect();
-        mount_api::new_detached_mount(c"overlay", &pairs).map_err(|e| WorkspaceError::Overlay {
-            source_dir: source.display().to_string(),
-            source: e,
-        })
+        let lower = format!("{}:{}", layer(&self.upper())?, layer(source)?);
+        overlay(source, &[("lowerdir", &lower)])
     }
 
     /// The overlay as a detached mount: `source` below, the job's upper layer above.
-    /// Options chosen so the upper layer is plain files a reader can interpret:
-    /// no redirects (a renamed directory is copied up whole, `rename(2)` of a directory
-    /// from the source returns EXDEV and tools fall back to copying), no metacopy (a
-    /// changed file's whole content is in the upper layer), no index, no xino.
     pub fn mount(&self, source: &Path) -> Result<OwnedFd, WorkspaceError> {
-        let c = |s: &str| CString::new(s).expect("no NUL in overlay options");
-        // A lowerdir value separates layers with ':' and escapes with '\'.
-        let lower = source.display().to_string();
-        if lower.contains('\0') {
-            return Err(WorkspaceError::Refused(format!(
-                "{lower}: a workspace path cannot contain a NUL byte"
-            )));
-        }
-        let lower = lower.replace('\\', "\\\\").replace(':', "\\:");
         // The merged root takes its owner and mode from the upper layer's root, so that
         // must look like the source's (the layers' own directory, 0700, keeps everyone
         // else out).
@@ -186,24 +152,66 @@ impl ReviewLayers {
             .map_err(io_err("chown", &upper_root))?;
         std::fs::set_permissions(&upper_root, meta.permissions())
             .map_err(io_err("chmod", &upper_root))?;
-        let upper = self.upper().display().to_string();
-        let work = self.work().display().to_string();
-        let options = [
-            (c("lowerdir"), c(&lower)),
-            (c("upperdir"), c(&upper)),
-            (c("workdir"), c(&work)),
-            (c("redirect_dir"), c("off")),
-            (c("metacopy"), c("off")),
-            (c("index"), c("off")),
-            (c("xino"), c("off")),
-        ];
-        let pairs: Vec<(&std::ffi::CStr, &std::ffi::CStr)> = options
-            .iter()
-            .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
-            .collect();
-        mount_api::new_detached_mount(c"overlay", &pairs).map_err(|e| WorkspaceError::Overlay {
-            source_dir: source.display().to_string(),
-            source: e,
-        })
+        let (upper, work) = (self.upper(), self.work());
+        overlay(
+            source,
+            &[
+                ("lowerdir", &layer(source)?),
+                ("upperdir", &upper.display().to_string()),
+                ("workdir", &work.display().to_string()),
+            ],
+        )
     }
+}
+
+/// A path as one layer of an overlay's lowerdir (which separates layers with ':' and
+/// escapes with '\').
+fn layer(path: &Path) -> Result<String, WorkspaceError> {
+    let text = path.display().to_string();
+    if text.contains('\0') {
+        return Err(WorkspaceError::Refused(format!(
+            "{text}: a workspace path cannot contain a NUL byte"
+        )));
+    }
+    Ok(text.replace('\\', "\\\\").replace(':', "\\:"))
+}
+
+/// A detached overlay mount with `layers` and the options every agentd overlay has,
+/// chosen so an upper layer is plain files a reader can interpret: no redirects (a
+/// renamed directory is copied up whole; `rename(2)` of a directory from the source
+/// returns EXDEV and tools fall back to copying), no metacopy (a changed file's whole
+/// content is in the upper layer), no index, no xino.
+fn overlay(source: &Path, layers: &[(&str, &str)]) -> Result<OwnedFd, WorkspaceError> {
+    let c = |s: &str| CString::new(s).expect("no NUL in overlay options");
+    let fixed = [
+        ("redirect_dir", "off"),
+        ("metacopy", "off"),
+        ("index", "off"),
+        ("xino", "off"),
+    ];
+    let options: Vec<(CString, CString)> = layers
+        .iter()
+        .chain(fixed.iter())
+        .map(|(k, v)| (c(k), c(v)))
+        .collect();
+    let pairs: Vec<(&std::ffi::CStr, &std::ffi::CStr)> = options
+        .iter()
+        .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
+        .collect();
+    mount_api::new_detached_mount(c"overlay", &pairs).map_err(|e| WorkspaceError::Overlay {
+        source_dir: source.display().to_string(),
+        source: e,
+    })
+}
+
+/// The names in a directory, sorted (walks that must be repeatable: diff, snapshot
+/// manifests, restore).
+pub(crate) fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, WorkspaceError> {
+    let mut names = std::fs::read_dir(dir)
+        .map_err(io_err("read", dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io_err("read", dir))?;
+    names.sort();
+    Ok(names)
 }

@@ -158,12 +158,7 @@ impl SnapshotStore {
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
             let from_dir = merged.join(&rel);
-            let mut names: Vec<_> = std::fs::read_dir(&from_dir)
-                .map_err(io_err("read", &from_dir))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<_, _>>()
-                .map_err(io_err("read", &from_dir))?;
-            names.sort();
+            let names = super::sorted_names(&from_dir)?;
             // Directories are pushed in reverse so the walk (and the manifest) goes in
             // sorted order depth-first.
             let mut subdirs = Vec::new();

@@ -121,23 +121,28 @@ pub async fn accept(
     Ok(0)
 }
 
-/// `reject`: discards the change.
-pub async fn reject(client: &Client, id: &str, json: bool) -> Result<i32, Fail> {
+/// `reject` (discards the change) and `rollback` (undoes an accepted one): POST the
+/// action, say where the directory stands.
+pub async fn undo(client: &Client, id: &str, action: &str, json: bool) -> Result<i32, Fail> {
     let job: JobInfo = client
-        .post_empty(&format!("{}/reject", job_path(id)))
+        .post_empty(&format!("{}/{action}", job_path(id)))
         .await?;
     if json {
         emit_json(&job)?;
-    } else {
-        let source = job
-            .review
-            .as_ref()
-            .map_or("the workspace", |r| r.source.as_str());
-        emit(&format!(
-            "job {}: change rejected; {source} is as it was\n",
-            job.id
-        ))?;
+        return Ok(0);
     }
+    let source = job
+        .review
+        .as_ref()
+        .map_or("the workspace", |r| r.source.as_str());
+    let (what, since) = match action {
+        "rollback" => ("rolled back", " before the accept"),
+        _ => ("rejected", ""),
+    };
+    emit(&format!(
+        "job {}: change {what}; {source} is as it was{since}\n",
+        job.id
+    ))?;
     Ok(0)
 }
 
@@ -216,26 +221,6 @@ pub async fn snapshot_rm(client: &Client, id: &str, json: bool) -> Result<i32, F
         ))?;
     } else {
         emit(&format!("snapshot {} removed\n", s.meta.id))?;
-    }
-    Ok(0)
-}
-
-/// `rollback`: returns the directory to the pre-image of an accepted change.
-pub async fn rollback(client: &Client, id: &str, json: bool) -> Result<i32, Fail> {
-    let job: JobInfo = client
-        .post_empty(&format!("{}/rollback", job_path(id)))
-        .await?;
-    if json {
-        emit_json(&job)?;
-    } else {
-        let source = job
-            .review
-            .as_ref()
-            .map_or("the workspace", |r| r.source.as_str());
-        emit(&format!(
-            "job {}: change rolled back; {source} is as it was before the accept\n",
-            job.id
-        ))?;
     }
     Ok(0)
 }
