@@ -13,6 +13,7 @@ pub mod error;
 pub mod host;
 pub mod job;
 pub mod mount_api;
+pub mod net;
 pub mod sandbox;
 pub mod spec;
 pub mod store;

@@ -61,6 +61,16 @@ pub struct SubmitRequest {
     /// Kernel features the job may run without (as `agentd run --allow-degraded`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_degraded: Vec<String>,
+    /// Network mode instead of the policy's: "none", "proxy" or "host" (only root may
+    /// widen it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
+    /// Domain patterns added to the policy's network.allow_domains (root only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_domain: Vec<String>,
+    /// Private, loopback and link-local destinations too (root only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_private: bool,
 }
 
 /// A job's lifecycle state. Transitions (one place: `daemon::lifecycle`):
@@ -401,6 +411,11 @@ pub enum EventKind {
     Rejected,
     /// An accepted change was undone (the source returned to its pre-image).
     RolledBack,
+    /// The job's proxy let a connection through (`detail`: protocol, destination,
+    /// address, rule).
+    EgressAllowed,
+    /// The job's proxy or resolver refused a destination (`detail`: why, and the rule).
+    EgressDenied,
     /// Sent to a follower that fell behind: `detail` says how many events it missed.
     Lagged,
 }

@@ -158,6 +158,20 @@ struct RunArgs {
     /// cgroup-pids); the report lists it. Repeatable.
     #[arg(long = "allow-degraded", value_name = "FEATURE")]
     allow_degraded: Vec<String>,
+    /// Network: none (loopback only), proxy (only through agentd's proxy, to the
+    /// policy's allowed domains), host (the host's network; trusted jobs only).
+    /// Overrides the policy's network.mode.
+    #[arg(long, value_name = "none|proxy|host")]
+    net: Option<String>,
+    /// Let the job reach a domain through the proxy: example.org (ports 80 and 443),
+    /// *.example.org (names below it), example.org:8443, example.org:*. Repeatable;
+    /// needs --net proxy (or a policy in proxy mode).
+    #[arg(long = "allow-domain", value_name = "PATTERN[:PORT]")]
+    allow_domain: Vec<String>,
+    /// Let the proxy connect to private, loopback and link-local addresses (refused by
+    /// default, after resolving, so a name cannot smuggle them in).
+    #[arg(long = "allow-private")]
+    allow_private: bool,
     /// Where runtime files go (one directory per job, removed when it ends).
     #[arg(
         long,
@@ -225,6 +239,9 @@ fn main() {
                 cgroup_parent: a.cgroup_parent,
                 policy_text: None,
                 job_socket_dir: None,
+                net: a.net,
+                allow_domain: a.allow_domain,
+                allow_private: a.allow_private,
             }
         }),
         Command::Serve(a) => agentd::daemon::serve(agentd::daemon::ServeOptions {

@@ -51,9 +51,10 @@ impl EventBus {
         ring.next_seq += 1;
         // Into the daemon's log too, with structured fields: under systemd each is a
         // journald field (EVENT=, JOB=, LEASE=, SEQ=), so `journalctl -u agentd JOB=ID`
-        // selects one job's lifecycle. (Renewals, every 10 s per attached client, stay
-        // out of the log; they are in the stream and the operation table.)
-        if kind != EventKind::LeaseRenewed {
+        // selects one job's lifecycle. (Renewals, every 10 s per attached client, and allowed connections, one per
+        // request a job makes, stay out of the log; they are in the stream, and the
+        // job's report counts bytes per destination.)
+        if kind != EventKind::LeaseRenewed && kind != EventKind::EgressAllowed {
             tracing::info!(
                 event = kind_name(kind),
                 job = event.job.as_deref().unwrap_or(""),
@@ -117,6 +118,8 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::Accepted => "accepted",
         EventKind::Rejected => "rejected",
         EventKind::RolledBack => "rolled-back",
+        EventKind::EgressAllowed => "egress-allowed",
+        EventKind::EgressDenied => "egress-denied",
         EventKind::Lagged => "lagged",
     }
 }

@@ -8,6 +8,7 @@
 //! the socket → READY=1 → serve. A SIGTERM stops the daemon and leaves jobs running:
 //! the next daemon adopts them.
 
+pub mod egress;
 pub mod events;
 pub mod jobs;
 pub mod jobsock;
@@ -86,6 +87,15 @@ pub struct JobRuntime {
     /// usage. Kept as text: a parsed document costs ten times the memory.
     #[serde(default)]
     pub report: Option<String>,
+    /// `proxy` mode: the job's network grant, so a restarted daemon serves its proxy
+    /// endpoints again.
+    #[serde(default)]
+    pub egress: Option<crate::net::EgressPolicy>,
+    /// The host user the job runs as (the requester of what the job itself asks for).
+    #[serde(default)]
+    pub job_uid: u32,
+    #[serde(default)]
+    pub job_gid: u32,
 }
 
 /// One job as the daemon holds it.
@@ -99,6 +109,8 @@ pub struct JobEntry {
     pub state_tx: watch_ch::Sender<crate::api::types::JobState>,
     /// Wakes the job's watcher when a cancellation changed its timers.
     pub wake: Arc<Notify>,
+    /// `proxy` mode: the job's proxy, served while it runs (dropping `Serving` stops it).
+    pub egress: Option<(Arc<crate::net::Membrane>, crate::net::proxy::Serving)>,
     /// Serializes this job's change-then-commit sequences, so the store always ends with
     /// the latest state and operation rows follow the job's own order.
     pub order: Arc<tokio::sync::Mutex<()>>,
@@ -112,6 +124,7 @@ impl JobEntry {
             runtime,
             cgroup: None,
             pidfd: None,
+            egress: None,
             wake: Arc::new(Notify::new()),
             order: Arc::new(tokio::sync::Mutex::new(())),
         }

@@ -119,6 +119,13 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
         if let Err(e) = super::jobsock::open(d, id) {
             tracing::warn!(job = %id, "job {id}: cannot bind its socket again: {e}");
         }
+        // `proxy` mode: its endpoints closed with the previous daemon; bound again in
+        // the job's namespace (entered through the pidfd: no pid race) and served.
+        if let Some(policy) = runtime.egress.clone()
+            && let Err(e) = super::egress::readopt(d, id, info.pid.unwrap_or(0), &pidfd, policy)
+        {
+            tracing::warn!(job = %id, "job {id}: cannot serve its proxy again: {e}");
+        }
         tokio::spawn(watch::watch(d.clone(), id.to_owned(), pidfd, false, None));
         return true;
     }

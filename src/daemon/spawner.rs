@@ -13,7 +13,8 @@
 //! watches jobs it adopted after a restart.
 //!
 //! Protocol: one SOCK_SEQPACKET message per request (JSON `SpawnRequest`), one per
-//! reply (JSON `SpawnReply`, with the pidfd attached when it is `Started`).
+//! reply (JSON `SpawnReply`, with the pidfd attached when it is `Started`, followed by
+//! the three proxy endpoints of a `proxy` job: HTTP, SOCKS5, DNS).
 
 use super::JobRuntime;
 use crate::job::{self, RunOptions, report, spawn};
@@ -42,7 +43,7 @@ pub struct SpawnRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum SpawnReply {
-    Started { pid: i32, runtime: JobRuntime },
+    Started { pid: i32, runtime: Box<JobRuntime> },
     Failed { message: String },
 }
 
@@ -76,20 +77,31 @@ pub fn spawner_main() -> i32 {
                 return 1;
             }
         };
-        let (reply, pidfd) = match serde_json::from_slice::<SpawnRequest>(&buf[..n]) {
+        let (reply, fds) = match serde_json::from_slice::<SpawnRequest>(&buf[..n]) {
             Ok(req) => match spawn_job(&req) {
-                Ok((pid, pidfd, runtime)) => (SpawnReply::Started { pid, runtime }, Some(pidfd)),
-                Err(message) => (SpawnReply::Failed { message }, None),
+                Ok(job) => {
+                    let mut fds = vec![job.pidfd];
+                    fds.extend(job.proxy.map(|p| p.into_fds()).into_iter().flatten());
+                    (
+                        SpawnReply::Started {
+                            pid: job.pid,
+                            runtime: Box::new(job.runtime),
+                        },
+                        fds,
+                    )
+                }
+                Err(message) => (SpawnReply::Failed { message }, Vec::new()),
             },
             Err(e) => (
                 SpawnReply::Failed {
                     message: format!("the spawner could not read the request: {e}"),
                 },
-                None,
+                Vec::new(),
             ),
         };
         let text = serde_json::to_vec(&reply).expect("reply serializes");
-        if let Err(e) = send_message(&sock, &text, pidfd.as_ref().map(AsRawFd::as_raw_fd)) {
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        if let Err(e) = send_message(&sock, &text, &raw) {
             eprintln!("agentd spawner: cannot answer the daemon: {e}");
             return 1;
         }
@@ -109,10 +121,10 @@ fn reap_children() {
     }
 }
 
-fn recv_message(sock: &OwnedFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<OwnedFd>)> {
+fn recv_message(sock: &OwnedFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
@@ -120,31 +132,25 @@ fn recv_message(sock: &OwnedFd, buf: &mut [u8]) -> std::io::Result<(usize, Optio
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(std::io::Error::from)?;
-    let mut fd = None;
+    let mut fds = Vec::new();
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            for f in fds {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for f in received {
                 // SAFETY: the kernel installed this descriptor for us.
-                let owned = unsafe { OwnedFd::from_raw_fd(f) };
-                if fd.is_none() {
-                    fd = Some(owned);
-                }
+                fds.push(unsafe { OwnedFd::from_raw_fd(f) });
             }
         }
     }
-    Ok((msg.bytes, fd))
+    Ok((msg.bytes, fds))
 }
 
-fn send_message(sock: &OwnedFd, bytes: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
+fn send_message(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let iov = [IoSlice::new(bytes)];
-    let fds;
-    let cmsgs: Vec<ControlMessage> = match fd {
-        Some(f) => {
-            fds = [f];
-            vec![ControlMessage::ScmRights(&fds)]
-        }
-        None => Vec::new(),
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
     };
     sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
         .map_err(std::io::Error::from)?;
@@ -162,7 +168,16 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// The pipeline for one daemon job, in the spawner: validate, allocate, spawn, with the
 /// daemon's differences (output to capped logs through the job's init, status in a
 /// file, no parent-death signal, runtime directory and cgroup handed to the job).
-fn spawn_job(req: &SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
+/// A job a spawner started: what the daemon gets back.
+pub struct SpawnedJob {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub runtime: JobRuntime,
+    /// `proxy` mode: the endpoints in the job's network namespace, for the daemon to serve.
+    pub proxy: Option<crate::net::ProxyListeners>,
+}
+
+fn spawn_job(req: &SpawnRequest) -> Result<SpawnedJob, String> {
     let id = req.id.as_str();
     let mut plan = job::plan::validate(req.options.clone()).map_err(|e| e.to_string())?;
     let fault = job::injected_fault();
@@ -225,6 +240,8 @@ fn spawn_job(req: &SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
         fault.as_deref(),
     )
     .map_err(|e| format!("start the job: {e}"))?;
+    let mut child = child;
+    let proxy = child.proxy.take();
     let (pid, pidfd, _status) = child.into_parts();
     let cgroup_report = report::CgroupReport::of(alloc.cgroup.as_ref());
     let cgroup_dirs = cgroup_report.dirs.clone();
@@ -262,8 +279,16 @@ fn spawn_job(req: &SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
         cancel_reason: None,
         kill_at_ms: None,
         report: serde_json::to_string(&report).ok(),
+        egress: (plan.egress.mode == crate::net::NetMode::Proxy).then(|| plan.egress.clone()),
+        job_uid: plan.ids.host_uid,
+        job_gid: plan.ids.host_gid,
     };
-    Ok((pid, pidfd, runtime))
+    Ok(SpawnedJob {
+        pid,
+        pidfd,
+        runtime,
+        proxy,
+    })
 }
 
 /// The daemon's side: a pool of spawner processes.
@@ -372,7 +397,7 @@ impl SpawnerPool {
 
     /// Has one spawner run the pipeline for `req`: the job's init pid, a pidfd of it,
     /// and what the daemon must remember; or why it failed (nothing remains then).
-    pub async fn spawn(&self, req: SpawnRequest) -> Result<(i32, OwnedFd, JobRuntime), String> {
+    pub async fn spawn(&self, req: SpawnRequest) -> Result<SpawnedJob, String> {
         let _slot = self
             .slots
             .acquire()
@@ -409,13 +434,10 @@ impl SpawnerPool {
 }
 
 /// One request and its reply, on a blocking thread.
-fn exchange(
-    spawner: &Spawner,
-    text: &[u8],
-) -> std::io::Result<Result<(i32, OwnedFd, JobRuntime), String>> {
-    send_message(&spawner.sock, text, None)?;
+fn exchange(spawner: &Spawner, text: &[u8]) -> std::io::Result<Result<SpawnedJob, String>> {
+    send_message(&spawner.sock, text, &[])?;
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let (n, fd) = recv_message(&spawner.sock, &mut buf)?;
+    let (n, fds) = recv_message(&spawner.sock, &mut buf)?;
     if n == 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -423,8 +445,31 @@ fn exchange(
         ));
     }
     let reply: SpawnReply = serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)?;
-    Ok(match (reply, fd) {
-        (SpawnReply::Started { pid, runtime }, Some(fd)) => Ok((pid, fd, runtime)),
+    let mut fds = fds.into_iter();
+    Ok(match (reply, fds.next()) {
+        (SpawnReply::Started { pid, runtime }, Some(pidfd)) => {
+            let rest: Vec<OwnedFd> = fds.collect();
+            let proxy = match <[OwnedFd; 3]>::try_from(rest) {
+                Ok(three) => Some(crate::net::ProxyListeners::from_fds(three)),
+                Err(rest) if rest.is_empty() => None,
+                Err(_) => {
+                    return Ok(Err(
+                        "the spawner sent a partial set of proxy endpoints".into()
+                    ));
+                }
+            };
+            if runtime.egress.is_some() != proxy.is_some() {
+                return Ok(Err(
+                    "the spawner's proxy endpoints do not match the job's network mode".into(),
+                ));
+            }
+            Ok(SpawnedJob {
+                pid,
+                pidfd,
+                runtime: *runtime,
+                proxy,
+            })
+        }
         (SpawnReply::Started { .. }, None) => Err("the spawner sent no pidfd".into()),
         (SpawnReply::Failed { message }, _) => Err(message),
     })

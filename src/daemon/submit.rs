@@ -88,6 +88,9 @@ pub async fn submit(
         policy_text: req.policy_toml.clone(),
         workspace_mode: req.workspace_mode,
         job_socket_dir: None,
+        net: req.net.clone(),
+        allow_domain: req.allow_domain.clone(),
+        allow_private: req.allow_private,
     };
     let spawn_options = options.clone();
     let t_validate = Instant::now();
@@ -111,6 +114,12 @@ pub async fn submit(
             policy.name
         );
         deny(d, &requester, "job.submit", None, "lifecycle.durable", &why).await;
+        return Err(ApiError::forbidden(why));
+    }
+    if requester.uid != 0
+        && let Some(why) = network_widening(&plan)
+    {
+        deny(d, &requester, "job.submit", None, "network", &why).await;
         return Err(ApiError::forbidden(why));
     }
 
@@ -332,6 +341,31 @@ struct Started {
     plan: Box<JobPlan>,
 }
 
+/// How a caller other than root asked for more network than the policy grants, if it
+/// did: a wider mode, more domains, private destinations. (Narrowing is anyone's.)
+fn network_widening(plan: &JobPlan) -> Option<String> {
+    let (granted, asked) = (&plan.policy.egress, &plan.egress);
+    let policy = &plan.policy.name;
+    if asked.mode.rank() > granted.mode.rank() {
+        return Some(format!(
+            "policy {policy} grants network.mode {}; only root may widen it to {}",
+            granted.mode.name(),
+            asked.mode.name()
+        ));
+    }
+    if asked.allow.len() > granted.allow.len() {
+        return Some(format!(
+            "only root may add domains to policy {policy}'s network.allow_domains (--allow-domain)"
+        ));
+    }
+    if asked.allow_private && !granted.allow_private {
+        return Some(format!(
+            "policy {policy} does not grant private destinations (network.allow_private); only root may add them"
+        ));
+    }
+    None
+}
+
 /// Start an admitted job; answers with its info (running, or failed with the reason).
 async fn start(
     d: &Arc<Daemon>,
@@ -361,11 +395,17 @@ async fn start(
         Err(e) => Err(format!("cannot bind the job's socket: {e}")),
     };
     tracing::debug!("job {id}: spawned in {} us", t_spawn.elapsed().as_micros());
-    let spawned = spawned.and_then(|(pid, pidfd, runtime)| {
+    let spawned = spawned.and_then(|job| {
+        let super::spawner::SpawnedJob {
+            pid,
+            pidfd,
+            runtime,
+            proxy,
+        } = job;
         // The daemon's own handle on the job's cgroup: kill, freeze, usage, removal.
         let dirs: Vec<PathBuf> = runtime.cgroup_dirs.iter().map(PathBuf::from).collect();
         match crate::cgroup::open_job_cgroup(&d.host_cgroups, &dirs) {
-            Ok(cgroup) => Ok((pid, pidfd, runtime, cgroup)),
+            Ok(cgroup) => Ok((pid, pidfd, runtime, cgroup, proxy)),
             Err(e) => {
                 let mut doomed = crate::cgroup::open_job_cgroup(&d.host_cgroups, &dirs).ok();
                 if let Some(c) = doomed.as_mut() {
@@ -377,7 +417,8 @@ async fn start(
         }
     });
     match spawned {
-        Ok((pid, pidfd, runtime, cgroup)) => {
+        Ok((pid, pidfd, runtime, cgroup, proxy)) => {
+            let egress = runtime.egress.clone();
             let s = Started {
                 pid,
                 runtime,
@@ -421,6 +462,27 @@ async fn start(
                 info.lease.as_deref(),
                 format!("pid {}", s.pid),
             );
+            // `proxy` mode: serve the endpoints the spawner bound in the job's namespace
+            // (connections wait in their backlog until now). Without them the job has
+            // no network it was promised: it is cancelled, saying why.
+            if let (Some(listeners), Some(policy)) = (proxy, egress)
+                && let Err(e) = super::egress::serve(d, id, s.pid, policy, listeners)
+            {
+                tracing::error!(job = %id, "job {id}: cannot serve its proxy: {e}");
+                let (d, id) = (d.clone(), id.to_owned());
+                tokio::spawn(async move {
+                    let _ = super::jobs::cancel(
+                        &d,
+                        &id,
+                        libc::SIGKILL,
+                        None,
+                        format!("agentd could not serve its network proxy: {e}"),
+                        crate::audit::Requester::daemon(),
+                        "the job's network.mode is proxy and its proxy failed".into(),
+                    )
+                    .await;
+                });
+            }
             tokio::spawn(super::watch::watch(
                 d.clone(),
                 id.to_owned(),

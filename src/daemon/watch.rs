@@ -161,6 +161,8 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
             e.runtime.cgroup_dirs.clone(),
         )
     };
+    // The job's processes are gone: its proxy has nothing left to serve.
+    let network = super::egress::stop(d, id);
     let messages = read_status(&jobdir);
     // Without a word from init and without its wait status (adopted job), init was
     // killed: by a cancellation or an OOM kill.
@@ -235,6 +237,9 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
             .unwrap_or_default();
             if let Some(u) = &usage {
                 report["usage"] = serde_json::to_value(u).unwrap_or_default();
+            }
+            if let Some(n) = &network {
+                report["network"] = serde_json::to_value(n).unwrap_or_default();
             }
             e.info.report = Some(report);
         }

@@ -29,10 +29,15 @@ fn policy_rights(access: Access) -> BitFlags<AccessFs> {
     }
 }
 
-fn handled_net() -> BitFlags<AccessNet> {
-    // TCP only: UDP rights (ABI 10) would also cut DNS on loopback; UDP comes with the
-    // egress membrane.
-    make_bitflags!(AccessNet::{BindTcp | ConnectTcp})
+/// TCP only: UDP rights (ABI 10) would also cut the job's DNS on loopback. Connecting is
+/// not restricted in `host` mode unless the policy lists ports: that mode grants the
+/// host's network.
+fn handled_net(restrict_connect: bool) -> BitFlags<AccessNet> {
+    if restrict_connect {
+        make_bitflags!(AccessNet::{BindTcp | ConnectTcp})
+    } else {
+        make_bitflags!(AccessNet::{BindTcp})
+    }
 }
 
 /// Maps the kernel's ABI number to the crate's enum, to compute what it handles.
@@ -58,7 +63,7 @@ pub fn rights_dropped(kernel_abi: u32) -> Vec<String> {
     let fs = (AccessFs::from_all(NEWEST) & !AccessFs::from_all(have))
         .iter()
         .map(|r| format!("fs:{r:?}"));
-    let net = (handled_net() & !AccessNet::from_all(have))
+    let net = (handled_net(true) & !AccessNet::from_all(have))
         .iter()
         .map(|r| format!("net:{r:?}"));
     let scope = (Scope::from_all(NEWEST) & !Scope::from_all(have))
@@ -98,13 +103,14 @@ fn err(what: &str) -> impl FnOnce(landlock::RulesetError) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
-/// Creates the job's ruleset with every right handled (best effort).
-pub fn create() -> Result<JobRuleset, String> {
+/// Creates the job's ruleset with every right handled (best effort); TCP connect only
+/// when `restrict_connect`.
+pub fn create(restrict_connect: bool) -> Result<JobRuleset, String> {
     let ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(NEWEST))
         .map_err(err("Landlock filesystem rights"))?
-        .handle_access(handled_net())
+        .handle_access(handled_net(restrict_connect))
         .map_err(err("Landlock network rights"))?
         .scope(Scope::from_all(NEWEST))
         .map_err(err("Landlock scoping"))?

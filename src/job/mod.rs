@@ -137,6 +137,27 @@ pub struct Allocated {
     pub landlock: Option<spawn::LandlockWork>,
 }
 
+/// The resolver configuration of `proxy` jobs, shared by all of them: written once
+/// (atomically, so a job starting meanwhile never sees half of it), world-readable
+/// since each job's setup binds it as the job's user.
+fn write_resolv_conf(runtime_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = plan::resolv_conf_path(runtime_dir);
+    // The job's user must pass through agentd's runtime directory to reach the file (not
+    // list it: execute only; each job's own directory below stays 0700).
+    let mode = std::fs::metadata(runtime_dir)?.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(mode | 0o011))?;
+    }
+    if std::fs::read_to_string(&path).is_ok_and(|t| t == crate::net::RESOLV_CONF) {
+        return Ok(());
+    }
+    let tmp = runtime_dir.join(format!("resolv.conf.{}", std::process::id()));
+    std::fs::write(&tmp, crate::net::RESOLV_CONF)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, &path)
+}
+
 /// The job cgroup's directory name in every hierarchy.
 pub fn cgroup_name(id: &str) -> String {
     format!("agentd-{id}")
@@ -167,6 +188,9 @@ pub fn allocate(
     plan.sandbox
         .envp
         .push(std::ffi::CString::new(format!("AGENTD_JOB_ID={id}")).expect("hex id"));
+    if plan.egress.mode == crate::net::NetMode::Proxy {
+        write_resolv_conf(runtime_dir).map_err(pipeline(id, "write the job's resolv.conf"))?;
+    }
     step_fault(id, "after-runtime-dir")?;
     let limits = CgroupLimits {
         cpu: plan.limits.cpu,
@@ -235,11 +259,14 @@ pub fn allocate(
     // The Landlock ruleset: created now so the child inherits it; the parent fills it
     // while the child builds its root.
     let landlock = if plan.landlock_abi > 0 {
-        let ruleset = landlock::create().map_err(|message| Error::Pipeline {
-            job: id.to_owned(),
-            step: "create the Landlock ruleset",
-            message,
-        })?;
+        let ruleset =
+            landlock::create(plan.landlock_tcp_connect().is_some()).map_err(|message| {
+                Error::Pipeline {
+                    job: id.to_owned(),
+                    step: "create the Landlock ruleset",
+                    message,
+                }
+            })?;
         plan.sandbox.landlock.ruleset = ruleset
             .child_fd
             .as_ref()
@@ -250,6 +277,17 @@ pub fn allocate(
             .iter()
             .map(|g| (g.path.clone(), g.access))
             .collect();
+        // The resolver configuration the network mode binds at /etc/resolv.conf.
+        match plan.egress.mode {
+            crate::net::NetMode::Proxy => paths.push((
+                plan::resolv_conf_path(&plan.options.runtime_dir),
+                crate::spec::Access::Read,
+            )),
+            crate::net::NetMode::Host if Path::new("/etc/resolv.conf").exists() => {
+                paths.push(("/etc/resolv.conf".into(), crate::spec::Access::Read))
+            }
+            _ => {}
+        }
         // The workspace's rule: on the host path for a bind (the same inodes), on the
         // overlay's own root for a review handle (the merged view has inodes of its own).
         let mut fd_rules = Vec::new();
@@ -278,7 +316,7 @@ pub fn allocate(
             paths,
             fd_rules,
             tcp_bind: plan.policy.tcp_bind.clone(),
-            tcp_connect: plan.policy.tcp_connect.clone(),
+            tcp_connect: plan.landlock_tcp_connect().unwrap_or_default(),
         })
     } else {
         None
@@ -377,6 +415,14 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         step: "start the job",
         message: e.to_string(),
     })?;
+    // `proxy` mode: serve the endpoints bound in the job's namespace while it runs.
+    let proxy = match child.proxy.take() {
+        Some(listeners) => Some(
+            crate::net::standalone::StandaloneProxy::start(&id, plan.egress.clone(), listeners)
+                .map_err(pipeline(&id, "start the job's proxy"))?,
+        ),
+        None => None,
+    };
     let outcome = supervise::supervise(
         &mut child,
         &signals,
@@ -386,6 +432,7 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     );
     let wall = started.elapsed();
     drop(child);
+    let network = proxy.map(|p| p.finish());
 
     // Exit: account, then remove the cgroup.
     let usage = cgroup.usage();
@@ -414,7 +461,11 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
             usage,
             cgroup: cgroup_report,
         };
-        if let Err(e) = report::write_report(path, &JobReport::new(&plan, facts)) {
+        let mut job_report = JobReport::new(&plan, facts);
+        if let Some(network) = network {
+            job_report.network = network;
+        }
+        if let Err(e) = report::write_report(path, &job_report) {
             eprintln!(
                 "agentd: job {id}: cannot write the report {}: {e}",
                 path.display()

@@ -3,6 +3,7 @@
 
 use crate::Error;
 use crate::cgroup::{self, CgroupLimits, HostCgroups};
+use crate::net::{DomainRule, EgressPolicy, NetMode};
 use crate::sandbox::{LandlockPlan, SandboxPlan, seccomp};
 use crate::spec::{self, Policy, SpecError};
 use std::collections::BTreeMap;
@@ -45,6 +46,15 @@ pub struct RunOptions {
     /// to the job read-only at /run/agentd (the daemon's jobs only).
     #[serde(default)]
     pub job_socket_dir: Option<PathBuf>,
+    /// `--net none|proxy|host`: overrides the policy's network.mode.
+    #[serde(default)]
+    pub net: Option<String>,
+    /// `--allow-domain PATTERN[:PORT]`: added to the policy's network.allow_domains.
+    #[serde(default)]
+    pub allow_domain: Vec<String>,
+    /// `--allow-private`: private, loopback and link-local destinations too.
+    #[serde(default)]
+    pub allow_private: bool,
 }
 
 /// Where a daemon job finds its socket to the daemon.
@@ -81,9 +91,26 @@ pub struct JobPlan {
     pub landlock_abi: u32,
     pub landlock_dropped: Vec<String>,
     pub degraded: Vec<Degradation>,
+    /// The job's network grant: the policy's, with the command line's changes.
+    pub egress: EgressPolicy,
     pub sandbox: SandboxPlan,
     /// Where a review workspace's layers go (set by the daemon before allocate).
     pub review_layers: Option<crate::workspace::ReviewLayers>,
+}
+
+impl JobPlan {
+    /// The TCP ports Landlock lets the job connect to; None when connecting is not
+    /// restricted (`host` mode without network.tcp_connect). In `proxy` mode the proxy's
+    /// two TCP endpoints are the job's only way out.
+    pub fn landlock_tcp_connect(&self) -> Option<Vec<u16>> {
+        let mut ports = self.policy.tcp_connect.clone();
+        match self.egress.mode {
+            NetMode::Host if ports.is_empty() => return None,
+            NetMode::Proxy => ports.extend([crate::net::HTTP_PORT, crate::net::SOCKS_PORT]),
+            _ => {}
+        }
+        Some(ports)
+    }
 }
 
 fn flag_err(flag: &str, message: impl Into<String>) -> Error {
@@ -184,7 +211,8 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
     }
     let ids = resolve_ids(&policy, workspace.as_deref())?;
     check_workspace_mode(&policy, &options, workspace.as_deref(), &ids)?;
-    let env = build_env(&policy, &options, workspace.as_deref())?;
+    let egress = merge_egress(&policy, &options)?;
+    let env = build_env(&policy, &options, workspace.as_deref(), &egress)?;
 
     // Fail closed: what the policy needs and the kernel lacks is refused, unless the
     // command line asked for exactly that downgrade.
@@ -252,6 +280,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         &limits,
         landlock_abi,
         !allowed("landlock"),
+        &egress,
     )?;
     Ok(JobPlan {
         landlock_dropped: super::landlock::rights_dropped(landlock_abi),
@@ -264,6 +293,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         skip_controllers,
         landlock_abi,
         degraded,
+        egress,
         sandbox,
         review_layers: None,
     })
@@ -377,10 +407,55 @@ fn resolve_ids(policy: &Policy, workspace: Option<&Path>) -> Result<JobIds, Erro
     })
 }
 
+/// The policy's network grant with the command line's changes: `--net` replaces the
+/// mode, `--allow-domain` adds patterns, `--allow-private` adds private destinations.
+/// Domains and private destinations mean something only through the proxy.
+fn merge_egress(policy: &Policy, options: &RunOptions) -> Result<EgressPolicy, Error> {
+    let mut egress = policy.egress.clone();
+    if let Some(m) = &options.net {
+        egress.mode = NetMode::parse(m).ok_or_else(|| {
+            flag_err(
+                "--net",
+                format!("expected none, proxy or host, got \"{m}\""),
+            )
+        })?;
+    }
+    for pattern in &options.allow_domain {
+        let pattern = crate::net::rules::validate_pattern(pattern)
+            .map_err(|m| flag_err("--allow-domain", m))?;
+        egress.allow.push(DomainRule {
+            pattern,
+            rule: "command line: --allow-domain".into(),
+        });
+    }
+    egress.allow_private |= options.allow_private;
+    if egress.mode != NetMode::Proxy {
+        let needs_proxy = |flag: &str| {
+            flag_err(
+                flag,
+                format!(
+                    "destinations are allowed through agentd's proxy, and the job's network mode is {} (policy {}{}); add --net proxy",
+                    egress.mode.name(),
+                    policy.name,
+                    if options.net.is_some() { ", --net" } else { "" }
+                ),
+            )
+        };
+        if !options.allow_domain.is_empty() {
+            return Err(needs_proxy("--allow-domain"));
+        }
+        if options.allow_private {
+            return Err(needs_proxy("--allow-private"));
+        }
+    }
+    Ok(egress)
+}
+
 fn build_env(
     policy: &Policy,
     options: &RunOptions,
     workspace: Option<&Path>,
+    egress: &EgressPolicy,
 ) -> Result<BTreeMap<String, String>, Error> {
     let mut env = BTreeMap::new();
     for name in &policy.env_pass {
@@ -393,6 +468,17 @@ fn build_env(
         .or_insert_with(|| workspace.map_or("/tmp".into(), |w| w.display().to_string()));
     env.entry("PATH".into())
         .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    if egress.mode == NetMode::Proxy {
+        // Tools find the proxy by these; a host's own proxy settings would lead nowhere
+        // from the job's namespace, so these replace them. (--env still overrides.)
+        let has_git_config = env.contains_key("GIT_CONFIG_COUNT");
+        for (k, v) in crate::net::proxy_env() {
+            if k.starts_with("GIT_CONFIG_") && has_git_config {
+                continue;
+            }
+            env.insert(k.to_owned(), v);
+        }
+    }
     if options.job_socket_dir.is_some() {
         // The job's own socket to the daemon (its tool calls, its own state).
         env.insert(
@@ -435,12 +521,20 @@ fn build_sandbox_plan(
     limits: &spec::Limits,
     landlock_abi: u32,
     landlock_required: bool,
+    egress: &EgressPolicy,
 ) -> Result<SandboxPlan, Error> {
+    let host_resolv = Path::new("/etc/resolv.conf");
+    let resolv_conf = match egress.mode {
+        NetMode::Proxy => Some(resolv_conf_path(&options.runtime_dir)),
+        NetMode::Host if host_resolv.exists() => Some(host_resolv.to_path_buf()),
+        _ => None,
+    };
     let mount_ops = super::rootfs::mount_ops(
         &policy.filesystem,
         workspace,
         limits.memory,
         options.job_socket_dir.as_deref(),
+        resolv_conf.as_deref(),
     )
     .map_err(|e| Error::Usage(format!("cannot prepare the job's root: {e}")))?;
     let path_c = |p: &Path| cstring(p.as_os_str().as_bytes(), "a path");
@@ -496,11 +590,19 @@ fn build_sandbox_plan(
         argv,
         envp,
         exec_candidates,
+        net_mode: egress.mode,
         die_with_parent: true,
         output: None,
         nofile: None,
         fault: None,
     })
+}
+
+/// The resolver configuration `proxy` jobs see as /etc/resolv.conf, shared by all of
+/// them (written by the allocate step; readable by every job user, since the job's
+/// setup binds it as that user).
+pub fn resolv_conf_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("resolv.conf")
 }
 
 /// Rejects arguments with NUL bytes before anything is created.

@@ -166,6 +166,8 @@ pub struct LandlockReport {
     pub path_rules: usize,
     pub tcp_bind: Vec<u16>,
     pub tcp_connect: Vec<u16>,
+    /// False in `host` mode without network.tcp_connect: any port.
+    pub tcp_connect_restricted: bool,
     pub scoped: Vec<&'static str>,
 }
 
@@ -207,6 +209,9 @@ pub struct JobReport {
     pub limits: crate::spec::Limits,
     pub usage: Usage,
     pub signals_forwarded: Vec<i32>,
+    /// How the job reached the network: its mode, grants, and (through the proxy)
+    /// bytes per destination and the denials.
+    pub network: crate::net::NetworkReport,
     pub enforced: Enforced,
 }
 
@@ -270,8 +275,13 @@ impl JobReport {
             limits: plan.limits.clone(),
             usage: run.usage,
             signals_forwarded: run.outcome.forwarded.clone(),
+            network: crate::net::NetworkReport::for_policy(&plan.egress),
             enforced: Enforced {
-                namespaces: super::spawn::NAMESPACES.to_vec(),
+                namespaces: super::spawn::NAMESPACES
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != "net" || plan.egress.mode != crate::net::NetMode::Host)
+                    .collect(),
                 filesystem: filesystem_grants(plan),
                 cgroup: run.cgroup,
                 landlock: (plan.landlock_abi > 0).then(|| LandlockReport {
@@ -282,7 +292,8 @@ impl JobReport {
                         + plan.policy.filesystem.len()
                         + usize::from(plan.workspace.is_some()),
                     tcp_bind: plan.policy.tcp_bind.clone(),
-                    tcp_connect: plan.policy.tcp_connect.clone(),
+                    tcp_connect: plan.landlock_tcp_connect().unwrap_or_default(),
+                    tcp_connect_restricted: plan.landlock_tcp_connect().is_some(),
                     scoped: if plan.landlock_abi >= 6 {
                         vec!["abstract-unix-socket", "signal"]
                     } else {

@@ -83,6 +83,7 @@ pub fn mount_ops(
     workspace: Option<&Path>,
     tmp_size: Option<u64>,
     job_socket_dir: Option<&Path>,
+    resolv_conf: Option<&Path>,
 ) -> Result<Vec<MountOp>, String> {
     let mut b = Builder {
         ops: Vec::new(),
@@ -102,6 +103,19 @@ pub fn mount_ops(
                 | MOUNT_ATTR_NODEV
                 | if writable { 0 } else { MOUNT_ATTR_RDONLY },
             recursive: true,
+        });
+    }
+
+    // The resolver configuration the network mode needs (`proxy`: agentd's resolver on
+    // the job's loopback; `host`: the host's), over any the policy granted.
+    if let Some(src) = resolv_conf {
+        let dst = Path::new("/etc/resolv.conf");
+        b.mount_point(dst, false);
+        b.ops.push(MountOp::Bind {
+            src: c(src.as_os_str().as_bytes()),
+            dst: rel(dst),
+            attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_RDONLY,
+            recursive: false,
         });
     }
 
@@ -226,7 +240,14 @@ mod tests {
                 rule: "r".into(),
             },
         ];
-        let ops = mount_ops(&grants, Some(Path::new("/tmp/a/ws")), Some(1 << 20), None).unwrap();
+        let ops = mount_ops(
+            &grants,
+            Some(Path::new("/tmp/a/ws")),
+            Some(1 << 20),
+            None,
+            None,
+        )
+        .unwrap();
         let mkdirs: Vec<String> = ops
             .iter()
             .filter_map(|o| {

@@ -24,6 +24,9 @@ pub struct Child {
     pub pidfd: OwnedFd,
     pub status: File,
     pub reaped: bool,
+    /// `proxy` mode: the proxy's endpoints, bound inside the job's network namespace
+    /// before the job could run anything; whoever supervises the job serves them.
+    pub proxy: Option<crate::net::ProxyListeners>,
 }
 
 impl Child {
@@ -41,12 +44,13 @@ impl Child {
     }
 
     /// Gives up ownership without killing: (pid, pidfd, status channel). For the daemon,
-    /// whose jobs must outlive the object that started them.
+    /// whose jobs must outlive the object that started them. (Take `proxy` first.)
     pub fn into_parts(self) -> (i32, OwnedFd, File) {
         let me = std::mem::ManuallyDrop::new(self);
         // SAFETY: each field is read out exactly once and `me` is never dropped, so
-        // nothing is closed twice.
+        // nothing is closed twice (the proxy endpoints, if not taken, are closed here).
         unsafe {
+            drop(std::ptr::read(&me.proxy));
             (
                 me.pid,
                 std::ptr::read(&me.pidfd),
@@ -161,6 +165,14 @@ pub fn spawn(
         Some(path) => status_file_ends(path)?,
     };
     let (net_helper_end, net_child_end) = socketpair()?;
+    // `proxy` mode: the helper sends the namespace here as well.
+    let wants_netns = plan.net_mode == crate::net::NetMode::Proxy;
+    let (net_parent_end, net_helper_parent_end) = if wants_netns {
+        let (a, b) = socketpair()?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
     // Built before clone: the child may not allocate.
     let exec = ExecArrays::new(plan);
 
@@ -198,6 +210,10 @@ pub fn spawn(
             libc::close(sync_write.as_raw_fd());
             libc::close(status_read.as_raw_fd());
             libc::close(net_helper_end.as_raw_fd());
+            if let (Some(a), Some(b)) = (&net_parent_end, &net_helper_parent_end) {
+                libc::close(a.as_raw_fd());
+                libc::close(b.as_raw_fd());
+            }
         }
         let pipes = ChildPipes {
             sync_read: sync_read.as_raw_fd(),
@@ -213,21 +229,29 @@ pub fn spawn(
     drop(status_write);
     drop(net_child_end);
     // The network-namespace helper: forked now, it works while we write the id maps
-    // and the child builds its root.
+    // and the child builds its root. (`host` mode: none; the job keeps our network.)
     let userns_path = std::ffi::CString::new(format!("/proc/{pid}/ns/user")).expect("no NUL");
-    // The helper runs only netns::helper_main (allocation-free) and exits.
-    let helper = crate::sandbox::raw_fork();
-    if helper == 0 {
-        crate::sandbox::netns::helper_main(&userns_path, net_helper_end.as_raw_fd());
-    }
+    let helper = if plan.net_mode == crate::net::NetMode::Host {
+        0
+    } else {
+        // The helper runs only netns::helper_main (allocation-free) and exits.
+        let helper = crate::sandbox::raw_fork();
+        if helper == 0 {
+            let to_parent = net_helper_parent_end.as_ref().map_or(-1, |f| f.as_raw_fd());
+            crate::sandbox::netns::helper_main(&userns_path, net_helper_end.as_raw_fd(), to_parent);
+        }
+        helper
+    };
     drop(net_helper_end);
+    drop(net_helper_parent_end);
     let helper = Helper(helper as libc::pid_t);
-    let child = Child {
+    let mut child = Child {
         pid: pid as i32,
         // SAFETY: the kernel stored a fresh pidfd for the child.
         pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
         status: File::from(status_read),
         reaped: false,
+        proxy: None,
     };
     let landlock = landlock.map(|mut work| {
         drop(work.ruleset.child_fd.take()); // the child has its copy
@@ -261,8 +285,24 @@ pub fn spawn(
     if !release(&sync_write)? {
         return Ok(child);
     }
-    // Handshake 3, while the child builds its root: the policy's Landlock rules into the
-    // shared ruleset, the v1 cgroups; then let the child go on to exec.
+    // Handshake 3, while the child builds its root: the proxy's endpoints inside the
+    // job's network namespace (before the job can run anything, so its first connection
+    // finds them), the policy's Landlock rules into the shared ruleset, the v1 cgroups;
+    // then let the child go on to exec.
+    if let Some(sock) = &net_parent_end {
+        let netns = crate::sandbox::netns::recv_fd(sock.as_raw_fd()).map_err(|e| {
+            SpawnError::Sys(
+                "receive the job's network namespace from the helper",
+                std::io::Error::from_raw_os_error(e),
+            )
+        })?;
+        // SAFETY: the descriptor was just received and is owned by nobody else.
+        let netns = unsafe { OwnedFd::from_raw_fd(netns) };
+        child.proxy = Some(
+            crate::net::listeners::open_in(std::os::fd::AsFd::as_fd(&netns))
+                .map_err(|e| SpawnError::Sys("open the proxy endpoints", e))?,
+        );
+    }
     if let Some(work) = landlock {
         work.ruleset
             .add_policy_rules(

@@ -63,6 +63,8 @@ pub struct SandboxPlan {
     /// Paths to try for the command, in order: itself if it contains '/', else each
     /// directory of the job's PATH joined with it.
     pub exec_candidates: Vec<CString>,
+    /// `host`: the job stays in agentd's network namespace (no helper makes one).
+    pub net_mode: crate::net::NetMode,
     /// `agentd run`: the job dies with agentd (parent-death signal), so nothing outlives
     /// its supervisor unobserved. The daemon leaves it off: its jobs outlive a daemon
     /// restart and are adopted again.
@@ -359,8 +361,11 @@ fn setup(
         unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }.into(),
         Step::Hostname,
     )?;
-    // Join the network namespace the parent's helper made meanwhile (loopback is up).
-    netns::join(pipes.netns)?;
+    // Join the network namespace the parent's helper made meanwhile (loopback is up);
+    // in `host` mode there is none: the job keeps the host's network.
+    if plan.net_mode != crate::net::NetMode::Host {
+        netns::join(pipes.netns)?;
+    }
 
     // 4. Handshake step 3: the parent joined us to the v1 cgroups and filled the Landlock
     //    ruleset meanwhile (a v1 migration costs an RCU grace period, so it overlaps the

@@ -6,13 +6,16 @@
 //! namespace, unshares a network namespace (owned by that user namespace), brings up
 //! loopback and sends the namespace to the child over a socketpair, while the child
 //! builds its root. The child then joins it with setns. Both sides are allocation-free.
+//! In `proxy` mode the helper sends the namespace to the parent too, which binds the
+//! proxy's endpoints inside it (see `net::listeners`).
 
 use super::{SetupError, Step, errno};
 use std::ffi::CStr;
 use std::os::fd::RawFd;
 
-/// Runs in the helper (a fork of the parent): never returns.
-pub fn helper_main(child_userns: &CStr, to_child: RawFd) -> ! {
+/// Runs in the helper (a fork of the parent): never returns. `to_parent` is -1 unless
+/// the parent wants the namespace as well.
+pub fn helper_main(child_userns: &CStr, to_child: RawFd, to_parent: RawFd) -> ! {
     // SAFETY (all calls): raw syscalls on C strings and fds we own; no allocation.
     unsafe {
         let userns = libc::open(child_userns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
@@ -26,8 +29,11 @@ pub fn helper_main(child_userns: &CStr, to_child: RawFd) -> ! {
             c"/proc/thread-self/ns/net".as_ptr(),
             libc::O_RDONLY | libc::O_CLOEXEC,
         );
-        if net < 0 || send_fd(to_child, net) != 0 {
+        if net < 0 || send_fd(to_child, net) != 1 {
             libc::_exit(3);
+        }
+        if to_parent >= 0 && send_fd(to_parent, net) != 1 {
+            libc::_exit(4);
         }
         libc::_exit(0)
     }
@@ -69,13 +75,9 @@ fn send_fd(sock: RawFd, fd: RawFd) -> isize {
     }
 }
 
-/// Runs in the child: receives the namespace from the helper and joins it.
-pub fn join(from_helper: RawFd) -> Result<(), SetupError> {
-    let fail = |errno| SetupError {
-        step: Step::NetNamespace,
-        index: 0,
-        errno,
-    };
+/// Receives one descriptor sent by `send_fd`; Err(errno) on EOF or error.
+/// Allocation-free.
+pub fn recv_fd(sock: RawFd) -> Result<RawFd, i32> {
     let mut byte = [0u8];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -86,13 +88,29 @@ pub fn join(from_helper: RawFd) -> Result<(), SetupError> {
     // SAFETY: msg points at the local buffers above, sized for one fd; the fd read from
     // it is checked before use and closed after.
     unsafe {
-        let n = libc::recvmsg(from_helper, &mut msg, libc::MSG_CMSG_CLOEXEC);
+        let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         if n != 1 || cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
             // EOF: the helper failed (it exits with a code the parent does not need).
-            return Err(fail(if n < 0 { errno() } else { libc::ECHILD }));
+            return Err(if n < 0 { errno() } else { libc::ECHILD });
         }
-        let net = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+        Ok(std::ptr::read_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+        ))
+    }
+}
+
+/// Runs in the child: receives the namespace from the helper and joins it.
+pub fn join(from_helper: RawFd) -> Result<(), SetupError> {
+    let fail = |errno| SetupError {
+        step: Step::NetNamespace,
+        index: 0,
+        errno,
+    };
+    let net = recv_fd(from_helper).map_err(fail)?;
+    // SAFETY: setns on the descriptor just received, closed after; the helper's socket
+    // is ours to close.
+    unsafe {
         let r = libc::setns(net, libc::CLONE_NEWNET);
         let e = errno();
         libc::close(net);

@@ -102,6 +102,8 @@ pub struct Policy {
     pub filesystem: Vec<PathGrant>,
     pub tcp_bind: Vec<u16>,
     pub tcp_connect: Vec<u16>,
+    /// How the job reaches the network (`network.mode`, `allow_domains`, `allow_private`).
+    pub egress: crate::net::EgressPolicy,
     pub limits: Limits,
     pub env_pass: Vec<String>,
     pub env_set: BTreeMap<String, String>,
@@ -233,6 +235,10 @@ struct RawNetwork {
     tcp_bind: Vec<Spanned<i64>>,
     #[serde(default)]
     tcp_connect: Vec<Spanned<i64>>,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_domains: Vec<Spanned<String>>,
+    allow_private: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -426,6 +432,46 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
     };
     let tcp_bind = ports("network.tcp_bind", &raw.network.tcp_bind)?;
     let tcp_connect = ports("network.tcp_connect", &raw.network.tcp_connect)?;
+    let mode = match &raw.network.mode {
+        None => crate::net::NetMode::None,
+        Some(m) => crate::net::NetMode::parse(m.get_ref()).ok_or_else(|| {
+            err(
+                Some(m.span()),
+                "network.mode",
+                format!(
+                    "expected \"none\", \"proxy\" or \"host\", got \"{}\"",
+                    m.get_ref()
+                ),
+            )
+        })?,
+    };
+    let mut allow = Vec::new();
+    for (index, p) in raw.network.allow_domains.iter().enumerate() {
+        let pattern = crate::net::rules::validate_pattern(p.get_ref())
+            .map_err(|m| err(Some(p.span()), "network.allow_domains", m))?;
+        allow.push(crate::net::DomainRule {
+            pattern,
+            rule: format!("{name}:network.allow_domains[{index}]"),
+        });
+    }
+    if mode != crate::net::NetMode::Proxy
+        && let Some(first) = raw.network.allow_domains.first()
+    {
+        return Err(err(
+            Some(first.span()),
+            "network.allow_domains",
+            format!(
+                "domains are allowed through agentd's proxy, and network.mode is \"{}\"; set mode = \"proxy\"",
+                mode.name()
+            ),
+        ));
+    }
+    let egress = crate::net::EgressPolicy {
+        mode,
+        allow,
+        allow_private: raw.network.allow_private.unwrap_or(false),
+        policy_name: name.clone(),
+    };
 
     let mut limits = Limits::default();
     if let Some(cpu) = &raw.limits.cpu {
@@ -608,6 +654,7 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         filesystem: grants.into_values().collect(),
         tcp_bind,
         tcp_connect,
+        egress,
         limits,
         env_pass,
         env_set,

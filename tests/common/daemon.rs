@@ -339,6 +339,8 @@ pub struct TestDaemon {
     dir: Option<tempfile::TempDir>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// A command `agentd serve` runs under (`nsenter ...` into a test's network lab).
+    wrapper: Vec<String>,
     child: Option<Child>,
     /// Every job init pid seen, reaped at the end (this test is their subreaper once
     /// their daemon is gone).
@@ -353,6 +355,12 @@ impl TestDaemon {
 
     /// As `start`, with more environment variables for the daemon (AGENTD_FAULT).
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_wrapped(&[], extra, env)
+    }
+
+    /// As `start_with_env`, with `agentd serve` run as the last argument of `wrapper`
+    /// (e.g. `nsenter -t PID -n -m --`: the daemon in a test's own namespaces).
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
         require_root();
         // Job inits whose daemon is killed are re-parented to us, not to the host's
         // pid 1 (which reaps slowly here): we reap them by pid at the end.
@@ -373,6 +381,7 @@ impl TestDaemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             child: None,
             pids: Mutex::new(BTreeSet::new()),
         };
@@ -413,7 +422,14 @@ impl TestDaemon {
             .append(true)
             .open(self.path("daemon.log"))
             .map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(AGENTD);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(AGENTD);
+                c
+            }
+            None => Command::new(AGENTD),
+        };
         cmd.arg("serve")
             .arg("--socket")
             .arg(self.sock())

@@ -66,6 +66,20 @@ pub struct RunArgs {
     /// cgroup-pids). Repeatable.
     #[arg(long = "allow-degraded", value_name = "FEATURE")]
     pub allow_degraded: Vec<String>,
+    /// Network: none (loopback only), proxy (only through agentd's proxy, to the
+    /// policy's allowed domains), host (the host's network; trusted jobs only).
+    /// Overrides the policy's network.mode (only root may widen it).
+    #[arg(long, value_name = "none|proxy|host")]
+    pub net: Option<String>,
+    /// Let the job reach a domain through the proxy: example.org (ports 80 and 443),
+    /// *.example.org (names below it), example.org:8443, example.org:*. Repeatable;
+    /// needs --net proxy (or a policy in proxy mode).
+    #[arg(long = "allow-domain", value_name = "PATTERN[:PORT]")]
+    pub allow_domain: Vec<String>,
+    /// Let the proxy connect to private, loopback and link-local addresses (refused by
+    /// default, after resolving, so a name cannot smuggle them in).
+    #[arg(long = "allow-private")]
+    pub allow_private: bool,
     /// Run under this lease (yours: you renew and release it); the job is cancelled when
     /// the lease ends.
     #[arg(long, value_name = "ID")]
@@ -222,6 +236,9 @@ fn submit_request(
         lease: None,
         durable: false,
         allow_degraded: args.allow_degraded.clone(),
+        net: args.net.clone(),
+        allow_domain: args.allow_domain.clone(),
+        allow_private: args.allow_private,
     })
 }
 

@@ -1,0 +1,89 @@
+//! The proxy of one `agentd run` job: served on a small runtime of its own, on threads
+//! of agentd's process, for as long as the job runs. (The daemon serves every job's
+//! endpoints on its own runtime instead.)
+
+use super::{Decision, EgressObserver, EgressPolicy, Membrane, NetworkReport, ProxyListeners};
+use std::sync::Arc;
+
+/// Prints each denial on agentd's stderr, where the operator running the job looks.
+struct PrintDenials {
+    job: String,
+}
+
+impl EgressObserver for PrintDenials {
+    fn decided(&self, d: &Decision) {
+        if !d.allowed {
+            eprintln!(
+                "agentd: job {}: egress denied ({} {}): {} [{}]",
+                self.job, d.protocol, d.destination, d.reason, d.rule
+            );
+        }
+    }
+}
+
+/// The running proxy; `finish` stops it and says what the job did.
+pub struct StandaloneProxy {
+    membrane: Arc<Membrane>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StandaloneProxy {
+    pub fn start(
+        job: &str,
+        policy: EgressPolicy,
+        listeners: ProxyListeners,
+    ) -> std::io::Result<StandaloneProxy> {
+        let observer = Arc::new(PrintDenials {
+            job: job.to_owned(),
+        });
+        let membrane = Membrane::new(job, policy, observer);
+        // Two workers: a download and its acknowledgements relay in parallel.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("agentd-proxy")
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = {
+            let _enter = runtime.enter();
+            membrane.serve(listeners)?
+        };
+        let thread = std::thread::Builder::new()
+            .name("agentd-proxy".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _serving = serving;
+                    let _ = stopped.await;
+                });
+                // Relays still open end with the runtime.
+                runtime.shutdown_background();
+            })?;
+        Ok(StandaloneProxy {
+            membrane,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops serving and returns the report of the job's network use.
+    pub fn finish(mut self) -> NetworkReport {
+        self.stop_now();
+        self.membrane.report()
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for StandaloneProxy {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
