@@ -14,6 +14,7 @@
 pub mod dns;
 pub mod listeners;
 pub mod proxy;
+mod relay;
 pub mod rules;
 pub mod standalone;
 

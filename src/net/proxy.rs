@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
 
@@ -32,8 +32,6 @@ const MAX_CONNECTIONS: usize = 1024;
 const MAX_DNS_IN_FLIGHT: usize = 256;
 /// Denials kept for the report (all are counted).
 const DENIALS_KEPT: usize = 200;
-/// Relay buffer per direction.
-const RELAY_BUFFER: usize = 128 * 1024;
 
 /// One egress decision, for events, audit rows and the report.
 #[derive(Debug, Clone, Serialize)]
@@ -768,35 +766,9 @@ fn socks_reply(code: u8) -> [u8; 10] {
     [5, code, 0, 1, 0, 0, 0, 0, 0, 0]
 }
 
-/// Copies both ways until both sides are done, counting bytes.
-async fn relay(mut client: TcpStream, mut upstream: TcpStream, counters: &Counters) {
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
-    tokio::join!(
-        pump(&mut cr, &mut uw, &counters.up),
-        pump(&mut ur, &mut cw, &counters.down)
-    );
-}
-
-async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    r: &mut R,
-    w: &mut W,
-    count: &AtomicU64,
-) {
-    let mut buf = vec![0u8; RELAY_BUFFER];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if w.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-                count.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }
-    }
-    // Half-close: the other side learns this direction ended.
-    let _ = w.shutdown().await;
+/// Relays both ways, counting into the destination's counters.
+async fn relay(client: TcpStream, upstream: TcpStream, counters: &Counters) {
+    super::relay::relay(client, upstream, &counters.up, &counters.down).await
 }
 
 #[cfg(test)]

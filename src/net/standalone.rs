@@ -40,7 +40,7 @@ impl StandaloneProxy {
         let membrane = Membrane::new(job, policy, observer);
         // Two workers: a download and its acknowledgements relay in parallel.
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("agentd-proxy")
             .enable_all()
             .build()?;
