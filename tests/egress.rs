@@ -650,3 +650,84 @@ fn assert_no_lab_leftovers(runtime: &Path) {
         assert_eq!(entries.count(), 0);
     }
 }
+
+#[test]
+fn a_restarted_daemon_serves_an_adopted_jobs_proxy_again() {
+    let env = Env::new();
+    let lab = Lab::start(&env);
+    let ws = workspace(&env, &lab);
+    let pre = lab.nsenter();
+    let pre: Vec<&str> = pre.iter().map(String::as_str).collect();
+    let mut d = TestDaemon::start_wrapped(&pre, &[], &[]);
+    // A durable job that fetches through its proxy every 100 ms, numbering each answer.
+    let script = "i=0; while true; do i=$((i+1)); curl -sS --max-time 5 http://allowed.test:8080/$i >> fetched 2>&1; sleep 0.1; done";
+    let id = d.run_detached(
+        &[
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--net",
+            "proxy",
+            "--allow-domain",
+            "allowed.test:8080",
+        ],
+        &["sh", "-c", script],
+    );
+    let fetched = ws.join("fetched");
+    let answers = || std::fs::read_to_string(&fetched).unwrap_or_default();
+    wait_until(
+        "the job fetches through its proxy",
+        Duration::from_secs(20),
+        || answers().contains("hello from allowed.test:8080/"),
+    );
+    d.sigkill();
+    d.launch();
+    let before = answers().matches("hello from").count();
+    wait_until(
+        "the adopted job fetches again",
+        Duration::from_secs(20),
+        || answers().matches("hello from").count() >= before + 3,
+    );
+    assert_eq!(d.job(&id)["state"], "running");
+    d.ctl_ok(&["kill", "--signal", "KILL", &id]);
+    d.wait_ended(&id);
+}
+
+#[test]
+fn only_root_may_widen_a_jobs_network() {
+    use common::daemon::{build_request, parse_response, raw_exchange_as};
+    let env = Env::new();
+    let lab = Lab::start(&env);
+    let pre = lab.nsenter();
+    let pre: Vec<&str> = pre.iter().map(String::as_str).collect();
+    let d = TestDaemon::start_wrapped(&pre, &["--group", "nogroup"], &[]);
+    let ws = d.path("member-ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::os::unix::fs::chown(&ws, Some(65534), Some(65534)).unwrap();
+    let submit = |extra: &str| {
+        let body = format!(
+            r#"{{"command":["true"],"durable":true,"workspace":"{}"{extra}}}"#,
+            ws.display()
+        );
+        let req = build_request("POST", "/v1/jobs", Some(body.as_bytes()));
+        parse_response(&raw_exchange_as(65534, 65534, &[], &d.sock(), &req))
+    };
+    for (extra, words) in [
+        (r#","net":"host""#, "only root may widen it to host"),
+        (r#","net":"proxy""#, "only root may widen it to proxy"),
+    ] {
+        let r = submit(extra);
+        assert_eq!(r.status, 403, "{extra}: {}", r.text());
+        assert!(r.error(403).contains(words), "{extra}: {}", r.text());
+    }
+    // Narrowing is anyone's: a member runs the default (none) policy as it is.
+    let r = submit(r#","net":"none""#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let refusals: Vec<_> = d
+        .audit()
+        .into_iter()
+        .filter(|r| {
+            r["action"] == "job.submit" && r["authority"].as_str().unwrap_or("").contains("network")
+        })
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+}
