@@ -641,6 +641,13 @@ fn daemon_jobs_get_the_proxy_and_denials_are_operation_rows() {
     assert_eq!(dests[0]["destination"], "allowed.test:8080", "{info}");
     assert!(dests[0]["bytes_down"].as_u64().unwrap() > 0, "{info}");
     assert_eq!(info["report"]["network"]["denied"], 2);
+    let human = d.ctl_ok(&["inspect", &id]);
+    assert!(
+        human.contains("network:")
+            && human.contains("proxy; allowed.test:8080 (")
+            && human.contains("; 2 denied"),
+        "{human}"
+    );
     drop(d);
     assert_no_lab_leftovers(&env.runtime_dir());
 }

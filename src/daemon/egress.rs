@@ -50,6 +50,8 @@ impl EgressObserver for DaemonObserver {
             return;
         }
         d.metrics.denied(&dec.rule);
+        // The job learns why at once, in its /run/agentd/self/denials.
+        super::selfview::refresh_soon(&d, &self.job);
         let n = self.rows.fetch_add(1, Ordering::Relaxed);
         if n >= DENIAL_ROWS_PER_JOB {
             return;

@@ -71,6 +71,7 @@ pub fn close(d: &Daemon, id: &str) {
         task.abort();
     }
     let _ = std::fs::remove_dir_all(dir(d, id));
+    super::selfview::forget(d, id);
 }
 
 type JobState = State<(Arc<Daemon>, String)>;

@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod recovery;
 pub mod review;
+pub mod selfview;
 pub mod snapshots;
 pub mod spawner;
 pub mod submit;
@@ -158,6 +159,8 @@ pub struct Daemon {
     pub reviews: Mutex<HashMap<String, String>>,
     /// Running jobs' own sockets (jobsock), by job.
     pub job_sockets: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// What each running job's /run/agentd/self shows (selfview).
+    pub selfviews: selfview::SelfViews,
 }
 
 impl Daemon {
@@ -313,6 +316,7 @@ pub fn serve(opts: ServeOptions) -> i32 {
         spawners,
         reviews: Mutex::new(reviews),
         job_sockets: Mutex::new(HashMap::new()),
+        selfviews: selfview::SelfViews::default(),
     });
     let code = runtime.block_on(async move {
         if let Err(e) = recovery::recover(&daemon).await {
@@ -327,6 +331,7 @@ pub fn serve(opts: ServeOptions) -> i32 {
             }
         };
         tokio::spawn(leases::expiry_loop(daemon.clone()));
+        tokio::spawn(selfview::refresh_loop(daemon.clone()));
         systemd::notify_ready();
         tokio::spawn(systemd::watchdog_loop());
         tracing::info!(

@@ -483,6 +483,8 @@ async fn start(
                     .await;
                 });
             }
+            // The job's view of itself, as soon as it runs.
+            super::selfview::refresh_soon(d, id);
             tokio::spawn(super::watch::watch(
                 d.clone(),
                 id.to_owned(),

@@ -277,6 +277,11 @@ pub fn allocate(
             .iter()
             .map(|g| (g.path.clone(), g.access))
             .collect();
+        // The daemon's jobs: their directory at /run/agentd (the socket, and the
+        // job's own state under self/) is readable.
+        if let Some(dir) = &plan.options.job_socket_dir {
+            paths.push((dir.clone(), crate::spec::Access::Read));
+        }
         // The resolver configuration the network mode binds at /etc/resolv.conf.
         match plan.egress.mode {
             crate::net::NetMode::Proxy => paths.push((

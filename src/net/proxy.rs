@@ -32,6 +32,18 @@ const MAX_CONNECTIONS: usize = 1024;
 const MAX_DNS_IN_FLIGHT: usize = 256;
 /// Denials kept for the report (all are counted).
 const DENIALS_KEPT: usize = 200;
+/// Bounds on what one job can make the proxy remember, so a job that loops over random
+/// names (a wildcard rule allows any number) cannot grow the supervisor's memory:
+/// destinations counted separately (the rest are summed under `OTHER`), addresses the
+/// resolver answered, names it refused (each refused name is one decision; past the
+/// bound every refused query is).
+const DESTINATIONS_KEPT: usize = 1024;
+const ANSWERED_KEPT: usize = 4096;
+const REFUSED_NAMES_KEPT: usize = 1024;
+/// Records per DNS answer: a UDP answer stays below 512 bytes, so the client never needs
+/// the TCP fallback the resolver does not offer.
+const MAX_ANSWERS: usize = 16;
+const OTHER: &str = "(other destinations)";
 
 /// One egress decision, for events, audit rows and the report.
 #[derive(Debug, Clone, Serialize)]
@@ -197,6 +209,19 @@ impl Membrane {
         r
     }
 
+    /// Whether `name` is refused for the first time (one decision per name; past the
+    /// bound, every refusal is one).
+    fn first_refusal(&self, name: &str) -> bool {
+        let mut st = self.state.lock().expect("membrane lock");
+        if st.refused_names.contains(name) {
+            return false;
+        }
+        if st.refused_names.len() < REFUSED_NAMES_KEPT {
+            st.refused_names.insert(name.to_owned());
+        }
+        true
+    }
+
     fn decide(&self, d: Decision) {
         {
             let mut st = self.state.lock().expect("membrane lock");
@@ -327,10 +352,13 @@ impl Membrane {
                     let _ = stream.set_nodelay(true);
                     let counters = {
                         let mut st = self.state.lock().expect("membrane lock");
-                        st.destinations
-                            .entry(format!("{name}:{port}"))
-                            .or_default()
-                            .clone()
+                        let mut key = format!("{name}:{port}");
+                        if st.destinations.len() >= DESTINATIONS_KEPT
+                            && !st.destinations.contains_key(&key)
+                        {
+                            key = OTHER.to_owned();
+                        }
+                        st.destinations.entry(key).or_default().clone()
                     };
                     counters.connections.fetch_add(1, Ordering::Relaxed);
                     *counters.address.lock().expect("counter lock") = Some(addr);
@@ -552,12 +580,7 @@ impl Membrane {
         }
         let name = rules::normalize(&q.name);
         if rules::matching(&self.policy.allow, &name, None).is_none() {
-            let first = self
-                .state
-                .lock()
-                .expect("membrane lock")
-                .refused_names
-                .insert(name.clone());
+            let first = self.first_refusal(&name);
             if first {
                 self.decide(Decision {
                     protocol: "dns",
@@ -586,12 +609,7 @@ impl Membrane {
             .filter(|ip| self.policy.allow_private || rules::private_kind(*ip).is_none())
             .collect();
         if public.is_empty() && !addrs.is_empty() {
-            let first = self
-                .state
-                .lock()
-                .expect("membrane lock")
-                .refused_names
-                .insert(name.clone());
+            let first = self.first_refusal(&name);
             if first {
                 self.decide(Decision {
                     protocol: "dns",
@@ -611,9 +629,20 @@ impl Membrane {
         {
             let mut st = self.state.lock().expect("membrane lock");
             for ip in &public {
-                st.answered.insert(*ip, name.clone());
+                if st.answered.len() < ANSWERED_KEPT || st.answered.contains_key(ip) {
+                    st.answered.insert(*ip, name.clone());
+                }
             }
         }
+        // Records of the question's type only, few enough for one UDP answer.
+        let public: Vec<IpAddr> = public
+            .into_iter()
+            .filter(|ip| match q.qtype {
+                dns::TYPE_A => ip.is_ipv4(),
+                _ => ip.is_ipv6(),
+            })
+            .take(MAX_ANSWERS)
+            .collect();
         dns::answer(&q, dns::RCODE_NOERROR, &public)
     }
 }

@@ -152,6 +152,9 @@ fn describe(j: &JobInfo, now: u64) -> String {
             lines.push(("usage", parts.join(", ")));
         }
     }
+    if let Some(n) = j.report.as_ref().and_then(|r| r.get("network")) {
+        lines.push(("network", network_summary(n)));
+    }
     if j.report.is_some() {
         lines.push(("report", "yes (inspect --json shows it)".into()));
     }
@@ -160,6 +163,31 @@ fn describe(j: &JobInfo, now: u64) -> String {
         .iter()
         .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
         .collect()
+}
+
+/// The report's network section in one line: the mode, and through the proxy the
+/// destinations with their bytes and the denials.
+fn network_summary(n: &serde_json::Value) -> String {
+    let mut text = n["mode"].as_str().unwrap_or("?").to_owned();
+    let dests = n["destinations"].as_array().cloned().unwrap_or_default();
+    if !dests.is_empty() {
+        let shown: Vec<String> = dests
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({} down, {} up)",
+                    d["destination"].as_str().unwrap_or("?"),
+                    bytes(d["bytes_down"].as_u64().unwrap_or(0)),
+                    bytes(d["bytes_up"].as_u64().unwrap_or(0))
+                )
+            })
+            .collect();
+        text.push_str(&format!("; {}", shown.join(", ")));
+    }
+    if let Some(denied) = n["denied"].as_u64().filter(|d| *d > 0) {
+        text.push_str(&format!("; {denied} denied"));
+    }
+    text
 }
 
 /// `logs`: one of the job's streams to our stdout, raw.

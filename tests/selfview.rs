@@ -1,0 +1,137 @@
+//! /run/agentd/self: a daemon job reads its own state as files, and only its own.
+
+mod common;
+
+use common::daemon::{TestDaemon, show, wait_until};
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+/// The cgroup file `name` of a job, from whichever of its directories has it.
+fn cgroup_file(job: &Value, name: &str) -> Option<String> {
+    job["cgroup"].as_array()?.iter().find_map(|d| {
+        std::fs::read_to_string(Path::new(d.as_str()?).join(name))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    })
+}
+
+#[test]
+fn a_job_reads_its_own_limits_usage_and_identity() {
+    let d = TestDaemon::start(&[]);
+    // The job waits for the view's first refresh, burns a little CPU, then shows it.
+    let script = r#"
+i=0; while [ ! -s /run/agentd/self/json ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+x=0; while [ $x -lt 200000 ]; do x=$((x+1)); done
+sleep 1.5
+for f in identity/job_id identity/agent limits/memory limits/pids usage/cpu_usec usage/memory_bytes usage/memory_headroom_bytes usage/pids state lease/id grants/network sched/class; do
+  printf '%s=%s\n' "$f" "$(cat /run/agentd/self/$f)"
+done
+echo "entries=$(ls /run/agentd/self | tr '\n' ' ')"
+cat /run/agentd/self/json > json.out
+touch done
+sleep 30
+"#;
+    let ws = d.path("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::os::unix::fs::chown(&ws, Some(1000), Some(1000)).unwrap();
+    let id = d.run_detached(
+        &[
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--memory",
+            "96M",
+            "--pids",
+            "64",
+            "--agent",
+            "viewer",
+        ],
+        &["sh", "-c", script],
+    );
+    wait_until("the job has read its view", Duration::from_secs(30), || {
+        ws.join("done").exists()
+    });
+    let log = d.ctl_ok(&["logs", &id]);
+    let job = d.job(&id);
+    let field = |name: &str| -> String {
+        log.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} in:\n{log}"))
+            .to_owned()
+    };
+    assert_eq!(field("identity/job_id"), id);
+    assert_eq!(field("identity/agent"), "viewer");
+    assert_eq!(field("state"), "running");
+    assert_eq!(field("sched/class"), "fair");
+    assert_eq!(field("lease/id"), "none", "a detached job is durable");
+    assert!(field("grants/network").contains("mode none"), "{log}");
+    // Limits as the cgroup carries them.
+    let memory: u64 = field("limits/memory").parse().unwrap();
+    assert_eq!(memory, 96 << 20);
+    let cg_memory = cgroup_file(&job, "memory.max")
+        .or_else(|| cgroup_file(&job, "memory.limit_in_bytes"))
+        .expect("the job's memory limit file");
+    assert_eq!(cg_memory, memory.to_string(), "{job}");
+    assert_eq!(field("limits/pids"), "64");
+    assert_eq!(cgroup_file(&job, "pids.max").as_deref(), Some("64"));
+    // Usage from the cgroup: the loop's CPU time, memory below the limit, its processes.
+    assert!(field("usage/cpu_usec").parse::<u64>().unwrap() > 0, "{log}");
+    let used: u64 = field("usage/memory_bytes").parse().unwrap();
+    let headroom: u64 = field("usage/memory_headroom_bytes").parse().unwrap();
+    assert!(used > 0 && used + headroom == memory, "{log}");
+    let pids: u64 = field("usage/pids").parse().unwrap();
+    assert!((2..64).contains(&pids), "{log}");
+    // The fixed set of entries: the job's own state, nothing else.
+    assert_eq!(
+        field("entries").trim(),
+        "denials grants identity json lease limits pressure sched state usage",
+        "{log}"
+    );
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(ws.join("json.out")).unwrap())
+        .expect("the view's json parses");
+    assert_eq!(all["identity"]["job_id"], id.as_str());
+    assert_eq!(all["limits"]["memory"], memory);
+    d.ctl_ok(&["kill", "--signal", "KILL", &id]);
+    d.wait_ended(&id);
+    assert!(
+        !d.path("run").join("sockets").join(&id).exists(),
+        "the view went with the job"
+    );
+}
+
+#[test]
+fn a_denied_job_reads_why_and_sees_no_other_job() {
+    let d = TestDaemon::start(&[]);
+    let other = d.run_detached(&[], &["sleep", "60"]);
+    // No lab needed: a name no pattern matches is refused before any lookup.
+    let script = format!(
+        r#"
+curl -sS --max-time 5 http://blocked.example/ >/dev/null
+i=0; while [ ! -s /run/agentd/self/denials ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+echo "denials:"; cat /run/agentd/self/denials
+echo "total=$(cat /run/agentd/self/json | grep -c denied_total)"
+if grep -rq {other} /run/agentd/self; then echo "sees-other"; else echo "alone"; fi
+"#
+    );
+    let out = d.ctl(&[
+        "run",
+        "--net",
+        "proxy",
+        "--allow-domain",
+        "allowed.example",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = common::daemon::out_text(&out);
+    assert!(
+        text.contains("http blocked.example:80: no network.allow_domains pattern of policy default matches blocked.example:80 [default:network.allow_domains]"),
+        "{}",
+        show(&out)
+    );
+    assert!(text.contains("alone"), "{}", show(&out));
+    d.ctl_ok(&["kill", "--signal", "KILL", &other]);
+    d.wait_ended(&other);
+}
