@@ -635,6 +635,9 @@ fn daemon_jobs_get_the_proxy_and_denials_are_operation_rows() {
         };
         count("egress-allowed") == 1 && count("egress-denied") == 2
     });
+    let filtered = d.ctl_ok(&["events", "--filter", &format!("egress-denied,{id}")]);
+    assert_eq!(filtered.lines().count(), 2, "{filtered}");
+    assert!(filtered.contains("denied.test:8080"), "{filtered}");
     // The job's report in inspect: bytes per destination.
     let info = d.job(&id);
     let dests = &info["report"]["network"]["destinations"];

@@ -135,3 +135,52 @@ if grep -rq {other} /run/agentd/self; then echo "sees-other"; else echo "alone";
     d.ctl_ok(&["kill", "--signal", "KILL", &other]);
     d.wait_ended(&other);
 }
+
+#[test]
+fn throttling_and_oom_kills_become_events() {
+    let d = TestDaemon::start(&[]);
+    let hog = d.run_detached(
+        &["--cpu", "0.1"],
+        &["sh", "-c", "sleep 1.2; while :; do :; done"],
+    );
+    let oom = d.run_detached(
+        &["--memory", "32M"],
+        &[
+            "sh",
+            "-c",
+            "sleep 1.2; python3 -c 'x = bytearray(256 << 20)'; sleep 30",
+        ],
+    );
+    let seen = |kind: &str, job: &str| {
+        d.events()
+            .iter()
+            .find(|e| e["kind"] == kind && e["job"] == job)
+            .map(|e| e["detail"].as_str().unwrap_or("").to_owned())
+    };
+    wait_until(
+        "a throttled event for the CPU hog",
+        Duration::from_secs(20),
+        || seen("throttled", &hog).is_some(),
+    );
+    assert!(
+        seen("throttled", &hog)
+            .unwrap()
+            .contains("by its CPU limit"),
+        "{:?}",
+        seen("throttled", &hog)
+    );
+    wait_until("an oom-kill event", Duration::from_secs(20), || {
+        seen("oom-kill", &oom).is_some()
+    });
+    assert!(
+        seen("oom-kill", &oom)
+            .unwrap()
+            .contains("OOM-killed at its memory limit of 33554432 bytes"),
+        "{:?}",
+        seen("oom-kill", &oom)
+    );
+    for id in [&hog, &oom] {
+        d.ctl_ok(&["kill", "--signal", "KILL", id]);
+        d.wait_ended(id);
+    }
+}

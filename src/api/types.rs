@@ -416,6 +416,11 @@ pub enum EventKind {
     EgressAllowed,
     /// The job's proxy or resolver refused a destination (`detail`: why, and the rule).
     EgressDenied,
+    /// The job's cgroup was held back by its CPU limit since the last look (`detail`:
+    /// throttled time, and the limit).
+    Throttled,
+    /// The kernel's OOM killer killed a process of the job inside its memory limit.
+    OomKill,
     /// Sent to a follower that fell behind: `detail` says how many events it missed.
     Lagged,
 }

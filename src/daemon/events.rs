@@ -120,6 +120,8 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::RolledBack => "rolled-back",
         EventKind::EgressAllowed => "egress-allowed",
         EventKind::EgressDenied => "egress-denied",
+        EventKind::Throttled => "throttled",
+        EventKind::OomKill => "oom-kill",
         EventKind::Lagged => "lagged",
     }
 }

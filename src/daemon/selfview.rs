@@ -13,6 +13,7 @@
 //! reader never sees half a file. Nothing outside the job's own state is written there.
 
 use super::Daemon;
+use crate::api::types::EventKind;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -42,6 +43,33 @@ pub fn refresh(d: &Daemon, id: &str) {
     let dir = dir(d, id);
     let mut all = d.selfviews.written.lock().expect("self views lock");
     let last = all.entry(id.to_owned()).or_default();
+    // Throttling and OOM kills since the last look become events (the view is where
+    // usage is read once a second anyway).
+    let counter = |m: &BTreeMap<String, String>, f: &str| -> Option<u64> {
+        m.get(f).and_then(|v| v.trim().parse().ok())
+    };
+    for (file, kind) in [
+        ("usage/throttled_usec", EventKind::Throttled),
+        ("usage/oom_kills", EventKind::OomKill),
+    ] {
+        if let (Some(before), Some(now)) = (counter(last, file), counter(&files, file))
+            && now > before
+        {
+            let detail = match kind {
+                EventKind::Throttled => format!(
+                    "held back {:.3}s by its CPU limit (cpu.max {})",
+                    (now - before) as f64 / 1e6,
+                    files.get("sched/cpu_max").map_or("", |s| s.trim())
+                ),
+                _ => format!(
+                    "{} process(es) OOM-killed at its memory limit of {} bytes",
+                    now - before,
+                    files.get("limits/memory").map_or("", |s| s.trim())
+                ),
+            };
+            d.events.emit(kind, Some(id), None, detail);
+        }
+    }
     for (name, content) in &files {
         if last.get(name) == Some(content) {
             continue;

@@ -271,6 +271,36 @@ pub async fn wait(client: &Client, id: &str, json: bool) -> Result<i32, Fail> {
 }
 
 /// `events`: lifecycle events, as they come with --follow.
+/// `--filter KIND,JOB,...` folded into the job and kinds: an item that is 12 hex digits
+/// is a job id (one), anything else a kind (the daemon checks the names).
+pub fn merge_event_filter(
+    job: Option<String>,
+    kind: Option<String>,
+    filter: Option<&str>,
+) -> Result<(Option<String>, Option<String>), Fail> {
+    let Some(filter) = filter else {
+        return Ok((job, kind));
+    };
+    let mut job = job;
+    let mut kinds: Vec<String> = kind
+        .map(|k| k.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    for item in filter.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        if item.len() == 12 && item.chars().all(|c| c.is_ascii_hexdigit()) {
+            if job.as_deref().is_some_and(|j| j != item) {
+                return Err(Fail(format!(
+                    "--filter: one job at a time (got {item} and {})",
+                    job.unwrap_or_default()
+                )));
+            }
+            job = Some(item.to_owned());
+        } else {
+            kinds.push(item.to_owned());
+        }
+    }
+    Ok((job, (!kinds.is_empty()).then(|| kinds.join(","))))
+}
+
 pub async fn events(
     client: &Client,
     follow: bool,

@@ -187,6 +187,10 @@ enum Command {
         /// Only events after this sequence number.
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
+        /// Kinds and a job in one list: `--filter egress-denied,started,0123456789ab`
+        /// (each item a kind, or a job id); adds to --kind and --job.
+        #[arg(long, value_name = "KIND,JOB,...")]
+        filter: Option<String>,
     },
     /// Print the operation table (SEQ TIME UID ACTION TARGET AUTHORITY), or check its
     /// hash chain with --verify (exit 1 if it is broken).
@@ -316,7 +320,11 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
             job,
             kind,
             since,
-        } => c::events(client, follow, job, kind, since, json).await,
+            filter,
+        } => {
+            let (job, kind) = c::merge_event_filter(job, kind, filter.as_deref())?;
+            c::events(client, follow, job, kind, since, json).await
+        }
         Command::Audit { verify, since } => c::audit(client, verify, since, json).await,
         Command::Lease(l) => match l {
             LeaseCommand::Take { ttl } => c::lease_take(client, ttl, json).await,
