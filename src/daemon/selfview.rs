@@ -23,10 +23,12 @@ use std::time::Duration;
 /// How often usage and pressure are rewritten.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
-/// The files last written per job, so unchanged ones are not rewritten.
+/// Per job: the files last written, so unchanged ones are not rewritten, and its report
+/// as of its start (parsed once: limits and grants do not change).
 #[derive(Default)]
 pub struct SelfViews {
     written: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    start_reports: Mutex<HashMap<String, Arc<Value>>>,
 }
 
 /// The view's directory inside the job's directory.
@@ -89,6 +91,11 @@ pub fn forget(d: &Daemon, id: &str) {
         .lock()
         .expect("self views lock")
         .remove(id);
+    d.selfviews
+        .start_reports
+        .lock()
+        .expect("self views lock")
+        .remove(id);
 }
 
 /// Refreshes every running or frozen job's view once per `REFRESH`, for as long as the
@@ -148,21 +155,63 @@ fn or_none<T: ToString>(v: Option<T>) -> String {
 
 /// Every file of the view, from the daemon's knowledge of job `id`; None if it is gone.
 fn snapshot(d: &Daemon, id: &str) -> Option<BTreeMap<String, String>> {
-    let (info, runtime, cgroup, membrane) = {
+    // Only what the view shows, under the lock (not the job's tool calls or report text).
+    struct Facts {
+        agent: String,
+        model: String,
+        policy: String,
+        policy_hash: String,
+        state: crate::api::types::JobState,
+        lease: Option<String>,
+    }
+    let (info, cgroup_dirs, cgroup, membrane) = {
         let jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs.get(id)?;
         (
-            e.info.clone(),
-            e.runtime.clone(),
+            Facts {
+                agent: e.info.agent.clone(),
+                model: e.info.model.clone(),
+                policy: e.info.policy.clone(),
+                policy_hash: e.info.policy_hash.clone(),
+                state: e.info.state,
+                lease: e.info.lease.clone(),
+            },
+            e.runtime.cgroup_dirs.clone(),
             e.cgroup.clone(),
             e.egress.as_ref().map(|(m, _)| m.clone()),
         )
     };
-    let start_report: Value = runtime
-        .report
-        .as_deref()
-        .and_then(|r| serde_json::from_str(r).ok())
-        .unwrap_or(Value::Null);
+    let cached = d
+        .selfviews
+        .start_reports
+        .lock()
+        .expect("self views lock")
+        .get(id)
+        .cloned();
+    let start_report = match cached {
+        Some(r) => r,
+        None => {
+            let parsed: Value = d
+                .jobs
+                .lock()
+                .expect("jobs lock")
+                .get(id)
+                .and_then(|e| {
+                    e.runtime
+                        .report
+                        .as_deref()
+                        .and_then(|r| serde_json::from_str(r).ok())
+                })
+                .unwrap_or(Value::Null);
+            let parsed = Arc::new(parsed);
+            d.selfviews
+                .start_reports
+                .lock()
+                .expect("self views lock")
+                .insert(id.to_owned(), parsed.clone());
+            parsed
+        }
+    };
     let usage = cgroup.map(|c| c.lock().expect("cgroup lock").usage());
     let network = membrane
         .map(|m| serde_json::to_value(m.report()).unwrap_or_default())
@@ -192,7 +241,7 @@ fn snapshot(d: &Daemon, id: &str) -> Option<BTreeMap<String, String>> {
         _ => "max".to_owned(),
     };
     let pressure = |what: &str| -> String {
-        for dir in &runtime.cgroup_dirs {
+        for dir in &cgroup_dirs {
             if let Ok(text) =
                 std::fs::read_to_string(Path::new(dir).join(format!("{what}.pressure")))
             {
