@@ -70,8 +70,9 @@ pub fn close(d: &Daemon, id: &str) {
     if let Some(task) = d.job_sockets.lock().expect("job sockets lock").remove(id) {
         task.abort();
     }
-    let _ = std::fs::remove_dir_all(dir(d, id));
+    // First: no view refresh is under way or starts after this (see selfview::refresh).
     super::selfview::forget(d, id);
+    let _ = std::fs::remove_dir_all(dir(d, id));
 }
 
 type JobState = State<(Arc<Daemon>, String)>;

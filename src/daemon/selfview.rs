@@ -27,8 +27,13 @@ pub const REFRESH: Duration = Duration::from_secs(1);
 /// as of its start (parsed once: limits and grants do not change).
 #[derive(Default)]
 pub struct SelfViews {
-    written: Mutex<HashMap<String, BTreeMap<String, String>>>,
-    start_reports: Mutex<HashMap<String, Arc<Value>>>,
+    open: Mutex<HashMap<String, View>>,
+}
+
+#[derive(Default)]
+struct View {
+    written: BTreeMap<String, String>,
+    start_report: Option<Arc<Value>>,
 }
 
 /// The view's directory inside the job's directory.
@@ -39,12 +44,29 @@ pub fn dir(d: &Daemon, id: &str) -> PathBuf {
 /// Rewrites job `id`'s view (what changed of it). Blocking file I/O: call it from a
 /// blocking thread or where a few small tmpfs writes do not matter.
 pub fn refresh(d: &Daemon, id: &str) {
-    let Some(files) = snapshot(d, id) else {
+    let Some(cached) = d
+        .selfviews
+        .open
+        .lock()
+        .expect("self views lock")
+        .get(id)
+        .map(|v| v.start_report.clone())
+    else {
+        return;
+    };
+    let Some((files, start_report)) = snapshot(d, id, cached) else {
         return;
     };
     let dir = dir(d, id);
-    let mut all = d.selfviews.written.lock().expect("self views lock");
-    let last = all.entry(id.to_owned()).or_default();
+    let mut all = d.selfviews.open.lock().expect("self views lock");
+    // Only a view that is open: `forget` closes it (under this lock) before the job's
+    // directory is removed, so a job that has ended is never written again. (No other
+    // lock is taken while this one is held: `forget` is called with the jobs lock held.)
+    let Some(view) = all.get_mut(id) else {
+        return;
+    };
+    view.start_report = Some(start_report);
+    let last = &mut view.written;
     // Throttling and OOM kills since the last look become events (the view is where
     // usage is read once a second anyway).
     let counter = |m: &BTreeMap<String, String>, f: &str| -> Option<u64> {
@@ -84,18 +106,20 @@ pub fn refresh(d: &Daemon, id: &str) {
     }
 }
 
-/// Forgets job `id`'s view (its directory goes with the job's).
+/// Opens job `id`'s view: from now on `refresh` writes it (a job that started or was
+/// adopted).
+pub fn open(d: &Daemon, id: &str) {
+    d.selfviews
+        .open
+        .lock()
+        .expect("self views lock")
+        .entry(id.to_owned())
+        .or_default();
+}
+
+/// Closes job `id`'s view for good (its directory goes with the job's).
 pub fn forget(d: &Daemon, id: &str) {
-    d.selfviews
-        .written
-        .lock()
-        .expect("self views lock")
-        .remove(id);
-    d.selfviews
-        .start_reports
-        .lock()
-        .expect("self views lock")
-        .remove(id);
+    d.selfviews.open.lock().expect("self views lock").remove(id);
 }
 
 /// Refreshes every running or frozen job's view once per `REFRESH`, for as long as the
@@ -132,14 +156,24 @@ pub fn refresh_soon(d: &Arc<Daemon>, id: &str) {
     tokio::task::spawn_blocking(move || refresh(&d, &id));
 }
 
+/// Writes `dir/name` atomically. `dir` (the view) and the directories in `name` are
+/// made as needed, but never the job's own directory above them: a job that ended
+/// meanwhile took it away, and it must not come back.
 fn write_atomic(dir: &Path, name: &str, content: &str) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let path = dir.join(name);
     let parent = path.parent().expect("a file below the view");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(parent)?;
+    let mut made = dir.to_path_buf();
+    let below = parent.strip_prefix(dir).unwrap_or(Path::new(""));
+    for part in std::iter::once(std::ffi::OsStr::new("")).chain(below.iter()) {
+        if !part.is_empty() {
+            made.push(part);
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(&made) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
     let tmp = parent.join(format!(
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("f")
@@ -154,7 +188,11 @@ fn or_none<T: ToString>(v: Option<T>) -> String {
 }
 
 /// Every file of the view, from the daemon's knowledge of job `id`; None if it is gone.
-fn snapshot(d: &Daemon, id: &str) -> Option<BTreeMap<String, String>> {
+fn snapshot(
+    d: &Daemon,
+    id: &str,
+    cached: Option<Arc<Value>>,
+) -> Option<(BTreeMap<String, String>, Arc<Value>)> {
     // Only what the view shows, under the lock (not the job's tool calls or report text).
     struct Facts {
         agent: String,
@@ -181,35 +219,20 @@ fn snapshot(d: &Daemon, id: &str) -> Option<BTreeMap<String, String>> {
             e.egress.as_ref().map(|(m, _)| m.clone()),
         )
     };
-    let cached = d
-        .selfviews
-        .start_reports
-        .lock()
-        .expect("self views lock")
-        .get(id)
-        .cloned();
     let start_report = match cached {
         Some(r) => r,
         None => {
-            let parsed: Value = d
+            // Parsed outside the jobs lock.
+            let text = d
                 .jobs
                 .lock()
                 .expect("jobs lock")
                 .get(id)
-                .and_then(|e| {
-                    e.runtime
-                        .report
-                        .as_deref()
-                        .and_then(|r| serde_json::from_str(r).ok())
-                })
-                .unwrap_or(Value::Null);
-            let parsed = Arc::new(parsed);
-            d.selfviews
-                .start_reports
-                .lock()
-                .expect("self views lock")
-                .insert(id.to_owned(), parsed.clone());
-            parsed
+                .and_then(|e| e.runtime.report.clone());
+            Arc::new(
+                text.and_then(|r| serde_json::from_str(&r).ok())
+                    .unwrap_or(Value::Null),
+            )
         }
     };
     let usage = cgroup.map(|c| c.lock().expect("cgroup lock").usage());
@@ -357,5 +380,5 @@ fn snapshot(d: &Daemon, id: &str) -> Option<BTreeMap<String, String>> {
     );
     put("denials", denial_lines);
     put("json", format!("{all:#}"));
-    Some(files)
+    Some((files, start_report.clone()))
 }

@@ -484,6 +484,7 @@ async fn start(
                 });
             }
             // The job's view of itself, as soon as it runs.
+            super::selfview::open(d, id);
             super::selfview::refresh_soon(d, id);
             tokio::spawn(super::watch::watch(
                 d.clone(),
