@@ -30,10 +30,23 @@ pub struct SelfViews {
     open: Mutex<HashMap<String, View>>,
 }
 
+/// Kept small: a thousand running jobs each have one.
 #[derive(Default)]
 struct View {
-    written: BTreeMap<String, String>,
+    /// A hash of each file's content as last written.
+    written: HashMap<String, u64>,
+    /// The counters that turn into events, as last seen.
+    throttled_usec: Option<u64>,
+    oom_kills: Option<u64>,
+    /// The parts of the job's start report the view shows (limits, grants).
     start_report: Option<Arc<Value>>,
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 /// The view's directory inside the job's directory.
@@ -66,17 +79,15 @@ pub fn refresh(d: &Daemon, id: &str) {
         return;
     };
     view.start_report = Some(start_report);
-    let last = &mut view.written;
     // Throttling and OOM kills since the last look become events (the view is where
     // usage is read once a second anyway).
-    let counter = |m: &BTreeMap<String, String>, f: &str| -> Option<u64> {
-        m.get(f).and_then(|v| v.trim().parse().ok())
-    };
-    for (file, kind) in [
-        ("usage/throttled_usec", EventKind::Throttled),
-        ("usage/oom_kills", EventKind::OomKill),
+    let counter = |f: &str| -> Option<u64> { files.get(f).and_then(|v| v.trim().parse().ok()) };
+    let (throttled, ooms) = (counter("usage/throttled_usec"), counter("usage/oom_kills"));
+    for (before, now, kind) in [
+        (view.throttled_usec, throttled, EventKind::Throttled),
+        (view.oom_kills, ooms, EventKind::OomKill),
     ] {
-        if let (Some(before), Some(now)) = (counter(last, file), counter(&files, file))
+        if let (Some(before), Some(now)) = (before, now)
             && now > before
         {
             let detail = match kind {
@@ -94,15 +105,18 @@ pub fn refresh(d: &Daemon, id: &str) {
             d.events.emit(kind, Some(id), None, detail);
         }
     }
+    view.throttled_usec = throttled.or(view.throttled_usec);
+    view.oom_kills = ooms.or(view.oom_kills);
     for (name, content) in &files {
-        if last.get(name) == Some(content) {
+        let h = hash(content);
+        if view.written.get(name) == Some(&h) {
             continue;
         }
         if let Err(e) = write_atomic(&dir, name, content) {
             tracing::warn!(job = %id, "job {id}: cannot write its view {name}: {e}");
             return;
         }
-        last.insert(name.clone(), content.clone());
+        view.written.insert(name.clone(), h);
     }
 }
 
@@ -229,10 +243,21 @@ fn snapshot(
                 .expect("jobs lock")
                 .get(id)
                 .and_then(|e| e.runtime.report.clone());
-            Arc::new(
-                text.and_then(|r| serde_json::from_str(&r).ok())
-                    .unwrap_or(Value::Null),
-            )
+            let full: Value = text
+                .and_then(|r| serde_json::from_str(&r).ok())
+                .unwrap_or(Value::Null);
+            // Only what the view shows is kept (the whole report is ten times larger).
+            let e = &full["enforced"];
+            Arc::new(json!({
+                "limits": full["limits"],
+                "network": full["network"],
+                "enforced": {
+                    "filesystem": e["filesystem"],
+                    "landlock": {"tcp_bind": e["landlock"]["tcp_bind"],
+                        "tcp_connect": e["landlock"]["tcp_connect"]},
+                    "cgroup": {"limits_applied": e["cgroup"]["limits_applied"]},
+                },
+            }))
         }
     };
     let usage = cgroup.map(|c| c.lock().expect("cgroup lock").usage());
