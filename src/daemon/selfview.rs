@@ -33,13 +33,16 @@ pub struct SelfViews {
 /// Kept small: a thousand running jobs each have one.
 #[derive(Default)]
 struct View {
-    /// A hash of each file's content as last written.
-    written: HashMap<String, u64>,
+    /// A hash of each file's content as last written, in the order of the (fixed) set
+    /// of files.
+    written: Vec<u64>,
     /// The counters that turn into events, as last seen.
     throttled_usec: Option<u64>,
     oom_kills: Option<u64>,
-    /// The parts of the job's start report the view shows (limits, grants).
-    start_report: Option<Arc<Value>>,
+    /// The parts of the job's start report the view shows (limits, grants), as compact
+    /// JSON text: parsed again at each refresh, which costs less than keeping the
+    /// parsed document for every running job.
+    start_report: Option<Arc<str>>,
 }
 
 fn hash(text: &str) -> u64 {
@@ -107,16 +110,19 @@ pub fn refresh(d: &Daemon, id: &str) {
     }
     view.throttled_usec = throttled.or(view.throttled_usec);
     view.oom_kills = ooms.or(view.oom_kills);
-    for (name, content) in &files {
+    if view.written.len() != files.len() {
+        view.written = vec![0; files.len()];
+    }
+    for (i, (name, content)) in files.iter().enumerate() {
         let h = hash(content);
-        if view.written.get(name) == Some(&h) {
+        if view.written[i] == h {
             continue;
         }
         if let Err(e) = write_atomic(&dir, name, content) {
             tracing::warn!(job = %id, "job {id}: cannot write its view {name}: {e}");
             return;
         }
-        view.written.insert(name.clone(), h);
+        view.written[i] = h;
     }
 }
 
@@ -205,8 +211,8 @@ fn or_none<T: ToString>(v: Option<T>) -> String {
 fn snapshot(
     d: &Daemon,
     id: &str,
-    cached: Option<Arc<Value>>,
-) -> Option<(BTreeMap<String, String>, Arc<Value>)> {
+    cached: Option<Arc<str>>,
+) -> Option<(BTreeMap<String, String>, Arc<str>)> {
     // Only what the view shows, under the lock (not the job's tool calls or report text).
     struct Facts {
         agent: String,
@@ -233,7 +239,7 @@ fn snapshot(
             e.egress.as_ref().map(|(m, _)| m.clone()),
         )
     };
-    let start_report = match cached {
+    let compact: Arc<str> = match cached {
         Some(r) => r,
         None => {
             // Parsed outside the jobs lock.
@@ -248,7 +254,7 @@ fn snapshot(
                 .unwrap_or(Value::Null);
             // Only what the view shows is kept (the whole report is ten times larger).
             let e = &full["enforced"];
-            Arc::new(json!({
+            json!({
                 "limits": full["limits"],
                 "network": full["network"],
                 "enforced": {
@@ -257,9 +263,12 @@ fn snapshot(
                         "tcp_connect": e["landlock"]["tcp_connect"]},
                     "cgroup": {"limits_applied": e["cgroup"]["limits_applied"]},
                 },
-            }))
+            })
+            .to_string()
+            .into()
         }
     };
+    let start_report: Value = serde_json::from_str(&compact).unwrap_or(Value::Null);
     let usage = cgroup.map(|c| c.lock().expect("cgroup lock").usage());
     let network = membrane
         .map(|m| serde_json::to_value(m.report()).unwrap_or_default())
@@ -405,5 +414,5 @@ fn snapshot(
     );
     put("denials", denial_lines);
     put("json", format!("{all:#}"));
-    Some((files, start_report.clone()))
+    Some((files, compact))
 }
