@@ -14,9 +14,9 @@
 
 use super::Daemon;
 use crate::api::types::EventKind;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,9 +33,8 @@ pub struct SelfViews {
 /// Kept small: a thousand running jobs each have one.
 #[derive(Default)]
 struct View {
-    /// A hash of each file's content as last written, in the order of the (fixed) set
-    /// of files.
-    written: Vec<u64>,
+    /// What was written last.
+    writer: crate::job::selfview::Writer,
     /// The counters that turn into events, as last seen.
     throttled_usec: Option<u64>,
     oom_kills: Option<u64>,
@@ -43,13 +42,6 @@ struct View {
     /// JSON text: parsed again at each refresh, which costs less than keeping the
     /// parsed document for every running job.
     start_report: Option<Arc<str>>,
-}
-
-fn hash(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
 }
 
 /// The view's directory inside the job's directory.
@@ -110,19 +102,8 @@ pub fn refresh(d: &Daemon, id: &str) {
     }
     view.throttled_usec = throttled.or(view.throttled_usec);
     view.oom_kills = ooms.or(view.oom_kills);
-    if view.written.len() != files.len() {
-        view.written = vec![0; files.len()];
-    }
-    for (i, (name, content)) in files.iter().enumerate() {
-        let h = hash(content);
-        if view.written[i] == h {
-            continue;
-        }
-        if let Err(e) = write_atomic(&dir, name, content) {
-            tracing::warn!(job = %id, "job {id}: cannot write its view {name}: {e}");
-            return;
-        }
-        view.written[i] = h;
+    if let Err(e) = view.writer.write_changed(&dir, &files) {
+        tracing::warn!(job = %id, "job {id}: cannot write its view: {e}");
     }
 }
 
@@ -176,37 +157,6 @@ pub fn refresh_soon(d: &Arc<Daemon>, id: &str) {
     tokio::task::spawn_blocking(move || refresh(&d, &id));
 }
 
-/// Writes `dir/name` atomically. `dir` (the view) and the directories in `name` are
-/// made as needed, but never the job's own directory above them: a job that ended
-/// meanwhile took it away, and it must not come back.
-fn write_atomic(dir: &Path, name: &str, content: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let path = dir.join(name);
-    let parent = path.parent().expect("a file below the view");
-    let mut made = dir.to_path_buf();
-    let below = parent.strip_prefix(dir).unwrap_or(Path::new(""));
-    for part in std::iter::once(std::ffi::OsStr::new("")).chain(below.iter()) {
-        if !part.is_empty() {
-            made.push(part);
-        }
-        match std::fs::DirBuilder::new().mode(0o755).create(&made) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
-    }
-    let tmp = parent.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("f")
-    ));
-    std::fs::write(&tmp, content)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, &path)
-}
-
-fn or_none<T: ToString>(v: Option<T>) -> String {
-    v.map_or_else(|| "none".to_owned(), |v| v.to_string())
-}
-
 /// Every file of the view, from the daemon's knowledge of job `id`; None if it is gone.
 fn snapshot(
     d: &Daemon,
@@ -252,20 +202,7 @@ fn snapshot(
             let full: Value = text
                 .and_then(|r| serde_json::from_str(&r).ok())
                 .unwrap_or(Value::Null);
-            // Only what the view shows is kept (the whole report is ten times larger).
-            let e = &full["enforced"];
-            json!({
-                "limits": full["limits"],
-                "network": full["network"],
-                "enforced": {
-                    "filesystem": e["filesystem"],
-                    "landlock": {"tcp_bind": e["landlock"]["tcp_bind"],
-                        "tcp_connect": e["landlock"]["tcp_connect"]},
-                    "cgroup": {"limits_applied": e["cgroup"]["limits_applied"]},
-                },
-            })
-            .to_string()
-            .into()
+            crate::job::selfview::compact_start_report(&full).into()
         }
     };
     let start_report: Value = serde_json::from_str(&compact).unwrap_or(Value::Null);
@@ -283,136 +220,17 @@ fn snapshot(
         (l.clone(), expires)
     });
 
-    let limits = &start_report["limits"];
-    let memory_limit = limits["memory"].as_u64();
-    let pids_limit = limits["pids"].as_u64();
-    // The CPU bandwidth the job's cgroup carries: "QUOTA PERIOD" in µs, or "max".
-    let applied = &start_report["enforced"]["cgroup"]["limits_applied"];
-    let cpu_max = match (
-        applied["cpu.max"].as_str(),
-        applied["cpu.cfs_quota_us"].as_str(),
-        applied["cpu.cfs_period_us"].as_str(),
-    ) {
-        (Some(max), _, _) => max.to_owned(),
-        (None, Some(q), Some(p)) => format!("{q} {p}"),
-        _ => "max".to_owned(),
+    let facts = crate::job::selfview::Facts {
+        job_id: id,
+        agent: &info.agent,
+        model: &info.model,
+        policy: &info.policy,
+        policy_sha256: &info.policy_hash,
+        state: info.state.to_string(),
+        lease,
+        cgroup_dirs: &cgroup_dirs,
     };
-    let pressure = |what: &str| -> String {
-        for dir in &cgroup_dirs {
-            if let Ok(text) =
-                std::fs::read_to_string(Path::new(dir).join(format!("{what}.pressure")))
-            {
-                return text;
-            }
-        }
-        "unavailable: the kernel reports pressure per cgroup on cgroup v2 only\n".into()
-    };
-    let denials: Vec<Value> = network["denials"].as_array().cloned().unwrap_or_default();
-    let denial_lines: String = denials
-        .iter()
-        .map(|d| {
-            format!(
-                "{} {}: {} [{}]\n",
-                d["protocol"].as_str().unwrap_or(""),
-                d["destination"].as_str().unwrap_or(""),
-                d["reason"].as_str().unwrap_or(""),
-                d["rule"].as_str().unwrap_or("")
-            )
-        })
-        .collect();
-    let grants_fs: String = start_report["enforced"]["filesystem"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .map(|g| {
-                    format!(
-                        "{} {} {}\n",
-                        g["access"].as_str().unwrap_or(""),
-                        g["path"].as_str().unwrap_or(""),
-                        g["rule"].as_str().unwrap_or("")
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let u = usage.unwrap_or_default();
-    let headroom = |limit: Option<u64>, used: Option<u64>| match (limit, used) {
-        (Some(l), Some(u)) => Some(l.saturating_sub(u)),
-        _ => None,
-    };
-
-    let all = json!({
-        "identity": {"job_id": id, "agent": info.agent, "model": info.model,
-            "policy": info.policy, "policy_sha256": info.policy_hash},
-        "state": info.state,
-        "limits": limits,
-        "usage": {
-            "cpu_usec": u.cpu_usec, "memory_bytes": u.memory_bytes,
-            "memory_headroom_bytes": headroom(memory_limit, u.memory_bytes),
-            "peak_memory_bytes": u.peak_memory_bytes, "pids": u.pids,
-            "pids_headroom": headroom(pids_limit, u.pids),
-            "oom_kills": u.oom_kills, "throttled_usec": u.throttled_usec,
-        },
-        "pressure": {"cpu": pressure("cpu"), "memory": pressure("memory"), "io": pressure("io")},
-        "sched": {"class": "fair", "cpu_max": cpu_max},
-        "lease": lease.as_ref().map(|(l, e)| json!({"id": l, "expires_ms": e})),
-        "grants": {"filesystem": start_report["enforced"]["filesystem"], "network": {
-            "mode": network["mode"], "allow_domains": network["allow_domains"],
-            "allow_private": network["allow_private"],
-            "tcp_bind": start_report["enforced"]["landlock"]["tcp_bind"],
-            "tcp_connect": start_report["enforced"]["landlock"]["tcp_connect"]}},
-        "denials": denials,
-        "denied_total": network["denied"],
-    });
-
-    let text = |v: &Value| match v {
-        Value::Null => "none".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut files = BTreeMap::new();
-    let mut put = |name: &str, content: String| {
-        let content = if content.ends_with('\n') {
-            content
-        } else {
-            content + "\n"
-        };
-        files.insert(name.to_owned(), content);
-    };
-    for key in ["job_id", "agent", "model", "policy", "policy_sha256"] {
-        put(&format!("identity/{key}"), text(&all["identity"][key]));
-    }
-    put("state", text(&all["state"]));
-    for key in ["cpu", "memory", "pids", "timeout"] {
-        put(&format!("limits/{key}"), text(&limits[key]));
-    }
-    for (key, v) in all["usage"].as_object().expect("an object") {
-        put(&format!("usage/{key}"), text(v));
-    }
-    for key in ["cpu", "memory", "io"] {
-        put(&format!("pressure/{key}"), text(&all["pressure"][key]));
-    }
-    put("sched/class", "fair".into());
-    put("sched/cpu_max", cpu_max.clone());
-    put("lease/id", or_none(lease.as_ref().map(|(l, _)| l.clone())));
-    put(
-        "lease/expires_ms",
-        or_none(lease.as_ref().and_then(|(_, e)| *e)),
-    );
-    put("grants/filesystem", grants_fs);
-    put(
-        "grants/network",
-        format!(
-            "mode {}\nallow_domains {}\nallow_private {}\n",
-            text(&network["mode"]),
-            network["allow_domains"]
-                .as_array()
-                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
-                .unwrap_or_default(),
-            text(&network["allow_private"])
-        ),
-    );
-    put("denials", denial_lines);
-    put("json", format!("{all:#}"));
+    let files =
+        crate::job::selfview::render(&facts, &start_report, usage.unwrap_or_default(), &network);
     Some((files, compact))
 }

@@ -15,6 +15,7 @@ mod landlock;
 pub mod plan;
 pub mod report;
 mod rootfs;
+pub mod selfview;
 pub mod spawn;
 mod stale;
 pub mod supervise;

@@ -1,0 +1,255 @@
+//! A job's own state as files (/run/agentd/self): what they say, and writing them. The
+//! daemon (`daemon::selfview`) and `agentd run` (`RunView`) gather the facts their own
+//! way and share this: the same files, the same format, the same atomic writes.
+//!
+//! One small plain-text file per fact, plus `json` with all of them: identity, state,
+//! limits, usage with headroom, pressure, scheduling, lease, grants, denials.
+
+use crate::cgroup::Usage;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What the view says about the job besides its start report and its usage.
+pub struct Facts<'a> {
+    pub job_id: &'a str,
+    pub agent: &'a str,
+    pub model: &'a str,
+    pub policy: &'a str,
+    pub policy_sha256: &'a str,
+    /// "running", "frozen".
+    pub state: String,
+    /// The lease and its expiry; None for a durable job or `agentd run`.
+    pub lease: Option<(String, Option<u64>)>,
+    /// The job's cgroup directories (pressure is read there).
+    pub cgroup_dirs: &'a [String],
+}
+
+/// The parts of a job report the view shows, as one small document: kept per running
+/// job, so only these (the whole report is ten times larger).
+pub fn compact_start_report(full: &Value) -> String {
+    let e = &full["enforced"];
+    json!({
+        "limits": full["limits"],
+        "network": full["network"],
+        "enforced": {
+            "filesystem": e["filesystem"],
+            "landlock": {"tcp_bind": e["landlock"]["tcp_bind"],
+                "tcp_connect": e["landlock"]["tcp_connect"]},
+            "cgroup": {"limits_applied": e["cgroup"]["limits_applied"]},
+        },
+    })
+    .to_string()
+}
+
+fn or_none<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "none".to_owned(), |v| v.to_string())
+}
+
+/// Every file of the view: relative path → content. `start_report`: the compact start
+/// report; `network`: the report's network section as of now (denials included).
+pub fn render(
+    f: &Facts<'_>,
+    start_report: &Value,
+    usage: Usage,
+    network: &Value,
+) -> BTreeMap<String, String> {
+    let limits = &start_report["limits"];
+    let memory_limit = limits["memory"].as_u64();
+    let pids_limit = limits["pids"].as_u64();
+    // The CPU bandwidth the job's cgroup carries: "QUOTA PERIOD" in µs, or "max".
+    let applied = &start_report["enforced"]["cgroup"]["limits_applied"];
+    let cpu_max = match (
+        applied["cpu.max"].as_str(),
+        applied["cpu.cfs_quota_us"].as_str(),
+        applied["cpu.cfs_period_us"].as_str(),
+    ) {
+        (Some(max), _, _) => max.to_owned(),
+        (None, Some(q), Some(p)) => format!("{q} {p}"),
+        _ => "max".to_owned(),
+    };
+    let pressure = |what: &str| -> String {
+        for dir in f.cgroup_dirs {
+            if let Ok(text) =
+                std::fs::read_to_string(Path::new(dir).join(format!("{what}.pressure")))
+            {
+                return text;
+            }
+        }
+        "unavailable: the kernel reports pressure per cgroup on cgroup v2 only\n".into()
+    };
+    let denials: Vec<Value> = network["denials"].as_array().cloned().unwrap_or_default();
+    let denial_lines: String = denials
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}: {} [{}]\n",
+                d["protocol"].as_str().unwrap_or(""),
+                d["destination"].as_str().unwrap_or(""),
+                d["reason"].as_str().unwrap_or(""),
+                d["rule"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let grants_fs: String = start_report["enforced"]["filesystem"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|g| {
+                    format!(
+                        "{} {} {}\n",
+                        g["access"].as_str().unwrap_or(""),
+                        g["path"].as_str().unwrap_or(""),
+                        g["rule"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let u = usage;
+    let headroom = |limit: Option<u64>, used: Option<u64>| match (limit, used) {
+        (Some(l), Some(u)) => Some(l.saturating_sub(u)),
+        _ => None,
+    };
+
+    let all = json!({
+        "identity": {"job_id": f.job_id, "agent": f.agent, "model": f.model,
+            "policy": f.policy, "policy_sha256": f.policy_sha256},
+        "state": f.state,
+        "limits": limits,
+        "usage": {
+            "cpu_usec": u.cpu_usec, "memory_bytes": u.memory_bytes,
+            "memory_headroom_bytes": headroom(memory_limit, u.memory_bytes),
+            "peak_memory_bytes": u.peak_memory_bytes, "pids": u.pids,
+            "pids_headroom": headroom(pids_limit, u.pids),
+            "oom_kills": u.oom_kills, "throttled_usec": u.throttled_usec,
+        },
+        "pressure": {"cpu": pressure("cpu"), "memory": pressure("memory"), "io": pressure("io")},
+        "sched": {"class": "fair", "cpu_max": cpu_max},
+        "lease": f.lease.as_ref().map(|(l, e)| json!({"id": l, "expires_ms": e})),
+        "grants": {"filesystem": start_report["enforced"]["filesystem"], "network": {
+            "mode": network["mode"], "allow_domains": network["allow_domains"],
+            "allow_private": network["allow_private"],
+            "tcp_bind": start_report["enforced"]["landlock"]["tcp_bind"],
+            "tcp_connect": start_report["enforced"]["landlock"]["tcp_connect"]}},
+        "denials": denials,
+        "denied_total": network["denied"],
+    });
+
+    let text = |v: &Value| match v {
+        Value::Null => "none".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut files = BTreeMap::new();
+    let mut put = |name: &str, content: String| {
+        let content = if content.ends_with('\n') {
+            content
+        } else {
+            content + "\n"
+        };
+        files.insert(name.to_owned(), content);
+    };
+    for key in ["job_id", "agent", "model", "policy", "policy_sha256"] {
+        put(&format!("identity/{key}"), text(&all["identity"][key]));
+    }
+    put("state", text(&all["state"]));
+    for key in ["cpu", "memory", "pids", "timeout"] {
+        put(&format!("limits/{key}"), text(&limits[key]));
+    }
+    for (key, v) in all["usage"].as_object().expect("an object") {
+        put(&format!("usage/{key}"), text(v));
+    }
+    for key in ["cpu", "memory", "io"] {
+        put(&format!("pressure/{key}"), text(&all["pressure"][key]));
+    }
+    put("sched/class", "fair".into());
+    put("sched/cpu_max", cpu_max.clone());
+    put(
+        "lease/id",
+        or_none(f.lease.as_ref().map(|(l, _)| l.clone())),
+    );
+    put(
+        "lease/expires_ms",
+        or_none(f.lease.as_ref().and_then(|(_, e)| *e)),
+    );
+    put("grants/filesystem", grants_fs);
+    put(
+        "grants/network",
+        format!(
+            "mode {}\nallow_domains {}\nallow_private {}\n",
+            text(&network["mode"]),
+            network["allow_domains"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
+            text(&network["allow_private"])
+        ),
+    );
+    put("denials", denial_lines);
+    put("json", format!("{all:#}"));
+    files
+}
+
+/// Writes the files whose content changed since the last call, each atomically.
+#[derive(Default)]
+pub struct Writer {
+    /// A hash of each file's content as last written, in the (fixed) order of the files.
+    written: Vec<u64>,
+}
+
+impl Writer {
+    pub fn write_changed(
+        &mut self,
+        dir: &Path,
+        files: &BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        if self.written.len() != files.len() {
+            self.written = vec![0; files.len()];
+        }
+        for (i, (name, content)) in files.iter().enumerate() {
+            let h = hash(content);
+            if self.written[i] == h {
+                continue;
+            }
+            write_atomic(dir, name, content)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{name}: {e}")))?;
+            self.written[i] = h;
+        }
+        Ok(())
+    }
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// Writes `dir/name` atomically. `dir` (the view) and the directories in `name` are
+/// made as needed, but never the job's own directory above them: a job that ended
+/// meanwhile took it away, and it must not come back.
+pub fn write_atomic(dir: &Path, name: &str, content: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let path = dir.join(name);
+    let parent = path.parent().expect("a file below the view");
+    let mut made = dir.to_path_buf();
+    let below = parent.strip_prefix(dir).unwrap_or(Path::new(""));
+    for part in std::iter::once(std::ffi::OsStr::new("")).chain(below.iter()) {
+        if !part.is_empty() {
+            made.push(part);
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(&made) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    let tmp = parent.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("f")
+    ));
+    std::fs::write(&tmp, content)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, &path)
+}
