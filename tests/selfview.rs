@@ -184,3 +184,49 @@ fn throttling_and_oom_kills_become_events() {
         d.wait_ended(id);
     }
 }
+
+#[test]
+fn an_agentd_run_job_reads_its_own_state_too() {
+    let env = common::Env::new();
+    let script = r#"
+i=0; while [ ! -s /run/agentd/self/json ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+[ "$(cat /run/agentd/self/identity/job_id)" = "$AGENTD_JOB_ID" ] && echo same-id
+echo "memory=$(cat /run/agentd/self/limits/memory)"
+echo "pids=$(cat /run/agentd/self/usage/pids)"
+curl -sS --max-time 5 http://blocked.example/ >/dev/null
+i=0; while [ ! -s /run/agentd/self/denials ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+cat /run/agentd/self/denials
+touch /run/agentd/self/x 2>/dev/null || echo read-only
+"#;
+    let out = env.sh(
+        &[
+            "--memory",
+            "80M",
+            "--net",
+            "proxy",
+            "--allow-domain",
+            "allowed.example",
+        ],
+        script,
+    );
+    let text = common::stdout(&out);
+    assert_eq!(common::code(&out), 0, "{text}{}", common::stderr(&out));
+    assert!(text.contains("same-id"), "{text}");
+    assert!(text.contains(&format!("memory={}", 80u64 << 20)), "{text}");
+    let pids: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pids="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(pids >= 2, "{text}");
+    assert!(
+        text.contains("http blocked.example:80: no network.allow_domains pattern"),
+        "{text}"
+    );
+    assert!(text.contains("read-only"), "{text}");
+    let views = env.runtime_dir().join("views");
+    let left: Vec<_> = std::fs::read_dir(&views)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "views left behind: {left:?}");
+}

@@ -212,22 +212,6 @@ pub fn daemon_op(
     }
 }
 
-/// The runtime directory exists and every job's user can pass through it (execute, not
-/// list): each job's setup binds its own directory below it (`sockets/JOB`: its socket
-/// and /run/agentd/self) as the job's user. Each job's directory stays private to it.
-fn prepare_runtime_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(dir)?;
-    let mode = std::fs::metadata(dir)?.permissions().mode();
-    if mode & 0o011 != 0o011 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
-    }
-    Ok(())
-}
-
 /// Formats a duration the way policies write them.
 pub fn human_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -287,7 +271,7 @@ pub fn serve(opts: ServeOptions) -> i32 {
             return 125;
         }
     };
-    if let Err(e) = prepare_runtime_dir(&opts.runtime_dir) {
+    if let Err(e) = crate::job::make_passable(&opts.runtime_dir) {
         tracing::error!(
             "cannot prepare the runtime directory {}: {e}",
             opts.runtime_dir.display()

@@ -132,10 +132,30 @@ pub fn injected_fault() -> Option<String> {
 /// What the allocate step made for one job; each part is undone when dropped, until the
 /// job has started and its supervisor owns them.
 pub struct Allocated {
+    /// `agentd run`: the directory of the job's /run/agentd/self (the daemon's jobs have
+    /// theirs in their socket directory).
+    pub view: Option<selfview::ViewDir>,
     pub rundir: RuntimeDir,
     pub cgroup: Box<dyn cgroup::JobCgroup>,
     pub workspace_tree: Option<std::os::fd::OwnedFd>,
     pub landlock: Option<spawn::LandlockWork>,
+}
+
+/// Makes agentd's runtime directory exist and lets every job's user pass through it
+/// (execute, not list): a job's setup binds files below it as the job's user (its view,
+/// its socket directory, the resolver configuration). Each job's own runtime directory
+/// below stays 0700.
+pub fn make_passable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
+    }
+    Ok(())
 }
 
 /// The resolver configuration of `proxy` jobs, shared by all of them: written once
@@ -144,12 +164,7 @@ pub struct Allocated {
 fn write_resolv_conf(runtime_dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let path = plan::resolv_conf_path(runtime_dir);
-    // The job's user must pass through agentd's runtime directory to reach the file (not
-    // list it: execute only; each job's own directory below stays 0700).
-    let mode = std::fs::metadata(runtime_dir)?.permissions().mode();
-    if mode & 0o011 != 0o011 {
-        std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(mode | 0o011))?;
-    }
+    make_passable(runtime_dir)?;
     if std::fs::read_to_string(&path).is_ok_and(|t| t == crate::net::RESOLV_CONF) {
         return Ok(());
     }
@@ -193,6 +208,30 @@ pub fn allocate(
         write_resolv_conf(runtime_dir).map_err(pipeline(id, "write the job's resolv.conf"))?;
     }
     step_fault(id, "after-runtime-dir")?;
+    // `agentd run`: the job's view of itself, bound read-only at /run/agentd/self (after
+    // everything else in its root).
+    let view = if plan.options.job_socket_dir.is_none() {
+        let view = selfview::ViewDir::create(runtime_dir, id)
+            .map_err(pipeline(id, "create the job's /run/agentd/self"))?;
+        let src = std::ffi::CString::new(view.path().into_os_string().into_encoded_bytes())
+            .map_err(|_| Error::Usage("the runtime directory's path contains a NUL byte".into()))?;
+        for dir in ["./run", "./run/agentd", "./run/agentd/self"] {
+            plan.sandbox.mount_ops.push(crate::sandbox::MountOp::Mkdir(
+                std::ffi::CString::new(dir).expect("no NUL"),
+            ));
+        }
+        plan.sandbox.mount_ops.push(crate::sandbox::MountOp::Bind {
+            src,
+            dst: std::ffi::CString::new("./run/agentd/self").expect("no NUL"),
+            attrs: crate::mount_api::MOUNT_ATTR_RDONLY
+                | crate::mount_api::MOUNT_ATTR_NOSUID
+                | crate::mount_api::MOUNT_ATTR_NODEV,
+            recursive: false,
+        });
+        Some(view)
+    } else {
+        None
+    };
     let limits = CgroupLimits {
         cpu: plan.limits.cpu,
         memory: plan.limits.memory,
@@ -283,6 +322,9 @@ pub fn allocate(
         if let Some(dir) = &plan.options.job_socket_dir {
             paths.push((dir.clone(), crate::spec::Access::Read));
         }
+        if let Some(v) = &view {
+            paths.push((v.path(), crate::spec::Access::Read));
+        }
         // The resolver configuration the network mode binds at /etc/resolv.conf.
         match plan.egress.mode {
             crate::net::NetMode::Proxy => paths.push((
@@ -329,6 +371,7 @@ pub fn allocate(
     };
 
     Ok(Allocated {
+        view,
         rundir,
         cgroup,
         workspace_tree,
@@ -379,6 +422,7 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let runtime_dir = plan.options.runtime_dir.clone();
     let alloc = allocate(&mut plan, &id, &runtime_dir, &step_fault)?;
     let Allocated {
+        view: view_dir,
         rundir,
         mut cgroup,
         workspace_tree: _workspace_tree, // open until the child has attached it
@@ -422,11 +466,74 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         message: e.to_string(),
     })?;
     // `proxy` mode: serve the endpoints bound in the job's namespace while it runs.
+    let wake = selfview::Wake::default();
     let proxy = match child.proxy.take() {
         Some(listeners) => Some(
-            crate::net::standalone::StandaloneProxy::start(&id, plan.egress.clone(), listeners)
-                .map_err(pipeline(&id, "start the job's proxy"))?,
+            crate::net::standalone::StandaloneProxy::start(
+                &id,
+                plan.egress.clone(),
+                listeners,
+                wake.clone(),
+            )
+            .map_err(pipeline(&id, "start the job's proxy"))?,
         ),
+        None => None,
+    };
+    // Its view of itself, kept current while it runs (its own handle on the cgroup).
+    let view = match &view_dir {
+        Some(dir) => {
+            let placeholder = supervise::Outcome {
+                si_code: 0,
+                si_status: 0,
+                messages: Vec::new(),
+                timed_out: false,
+                forwarded: Vec::new(),
+            };
+            let start = JobReport::new(
+                &plan,
+                report::RunFacts {
+                    job_id: &id,
+                    started_at,
+                    wall: std::time::Duration::ZERO,
+                    exit: &JobExit::Exited(0),
+                    outcome: &placeholder,
+                    usage: Default::default(),
+                    cgroup: CgroupReport::of(cgroup.as_ref()),
+                },
+            );
+            let compact =
+                selfview::compact_start_report(&serde_json::to_value(&start).unwrap_or_default());
+            let handle =
+                cgroup::open_job_cgroup(&plan.host_cgroups, &cgroup.dirs()).map_err(|source| {
+                    Error::Cgroup {
+                        job: id.clone(),
+                        source,
+                    }
+                })?;
+            let facts = selfview::RunFacts {
+                job_id: id.clone(),
+                agent: plan.policy.identity.agent.clone(),
+                model: plan.policy.identity.model.clone(),
+                policy: plan.policy.name.clone(),
+                policy_sha256: plan.policy.sha256.clone(),
+                cgroup_dirs: cgroup
+                    .dirs()
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect(),
+            };
+            Some(
+                selfview::RunView::start(
+                    dir.path(),
+                    facts,
+                    compact,
+                    handle,
+                    proxy.as_ref().map(|p| p.membrane()),
+                    wake.clone(),
+                )
+                .map_err(pipeline(&id, "start the job's view writer"))?,
+            )
+        }
         None => None,
     };
     let outcome = supervise::supervise(
@@ -437,6 +544,7 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
         started,
     );
     let wall = started.elapsed();
+    drop(view);
     drop(child);
     let network = proxy.map(|p| p.finish());
 

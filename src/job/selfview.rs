@@ -253,3 +253,147 @@ pub fn write_atomic(dir: &Path, name: &str, content: &str) -> std::io::Result<()
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
     std::fs::rename(&tmp, &path)
 }
+
+/// Where `agentd run` jobs see their view.
+pub const VIEW_MOUNT: &str = "/run/agentd/self";
+
+/// `agentd run`: the directory of a job's view, `RUNTIME_DIR/views/ID/self`, bound
+/// read-only at /run/agentd/self; removed on drop (a run that died leaves it to the next
+/// run's sweep, see `stale`). Outside the job's runtime directory, which only root
+/// may enter: the job's setup binds it as the job's user.
+pub struct ViewDir {
+    root: std::path::PathBuf,
+}
+
+impl ViewDir {
+    pub fn create(runtime_dir: &Path, id: &str) -> std::io::Result<ViewDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        crate::job::make_passable(runtime_dir)?;
+        let views = runtime_dir.join("views");
+        match std::fs::DirBuilder::new().mode(0o711).create(&views) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let root = views.join(id);
+        std::fs::DirBuilder::new().mode(0o711).create(&root)?;
+        let dir = ViewDir { root };
+        std::fs::DirBuilder::new().mode(0o755).create(dir.path())?;
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> std::path::PathBuf {
+        self.root.join("self")
+    }
+}
+
+impl Drop for ViewDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The facts of an `agentd run` job, owned by its writer thread.
+pub struct RunFacts {
+    pub job_id: String,
+    pub agent: String,
+    pub model: String,
+    pub policy: String,
+    pub policy_sha256: String,
+    pub cgroup_dirs: Vec<String>,
+}
+
+/// Wakes `agentd run`'s view writer: at once for a denial, or to stop.
+#[derive(Clone, Default)]
+pub struct Wake(std::sync::Arc<(std::sync::Mutex<u8>, std::sync::Condvar)>);
+
+const IDLE: u8 = 0;
+const REFRESH_NOW: u8 = 1;
+const STOP: u8 = 2;
+
+impl Wake {
+    pub fn refresh(&self) {
+        self.set(REFRESH_NOW);
+    }
+
+    fn set(&self, what: u8) {
+        let (state, cv) = &*self.0;
+        let mut s = state.lock().expect("view wake lock");
+        *s = (*s).max(what);
+        cv.notify_one();
+    }
+
+    /// Waits up to `timeout` for a request; true when asked to stop.
+    fn wait(&self, timeout: std::time::Duration) -> bool {
+        let (state, cv) = &*self.0;
+        let s = state.lock().expect("view wake lock");
+        let (mut s, _) = cv
+            .wait_timeout_while(s, timeout, |s| *s == IDLE)
+            .expect("view wake lock");
+        let stop = *s == STOP;
+        *s = IDLE;
+        stop
+    }
+}
+
+/// `agentd run`'s view writer: a thread that rewrites the view once a second (and when
+/// woken) while the job runs.
+pub struct RunView {
+    wake: Wake,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunView {
+    pub fn start(
+        dir: std::path::PathBuf,
+        facts: RunFacts,
+        compact_start_report: String,
+        cgroup: Box<dyn crate::cgroup::JobCgroup>,
+        membrane: Option<std::sync::Arc<crate::net::Membrane>>,
+        wake: Wake,
+    ) -> std::io::Result<RunView> {
+        let start_report: Value =
+            serde_json::from_str(&compact_start_report).unwrap_or(Value::Null);
+        let w = wake.clone();
+        let thread = std::thread::Builder::new()
+            .name("agentd-view".into())
+            .spawn(move || {
+                let mut writer = Writer::default();
+                loop {
+                    let network = membrane
+                        .as_ref()
+                        .map(|m| serde_json::to_value(m.report()).unwrap_or_default())
+                        .unwrap_or_else(|| start_report["network"].clone());
+                    let f = Facts {
+                        job_id: &facts.job_id,
+                        agent: &facts.agent,
+                        model: &facts.model,
+                        policy: &facts.policy,
+                        policy_sha256: &facts.policy_sha256,
+                        state: "running".into(),
+                        lease: None,
+                        cgroup_dirs: &facts.cgroup_dirs,
+                    };
+                    let files = render(&f, &start_report, cgroup.usage(), &network);
+                    if let Err(e) = writer.write_changed(&dir, &files) {
+                        eprintln!("agentd: job {}: cannot write its view: {e}", facts.job_id);
+                    }
+                    if w.wait(std::time::Duration::from_secs(1)) {
+                        break;
+                    }
+                }
+            })?;
+        Ok(RunView {
+            wake,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for RunView {
+    fn drop(&mut self) {
+        self.wake.set(STOP);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -64,7 +64,22 @@ pub fn sweep(runtime_dir: &Path, cgroup_parents: &[PathBuf]) -> Vec<String> {
         cgroups.extend(cgroup_parents.iter().map(|p| p.join(&name)));
         crate::cgroup::remove_stale(&cgroups);
         if std::fs::remove_dir_all(&dir).is_ok() {
+            let _ = std::fs::remove_dir_all(runtime_dir.join("views").join(&id));
             swept.push(id);
+        }
+    }
+    // A view whose job directory is gone (its run died between removing the two).
+    if let Ok(views) = std::fs::read_dir(runtime_dir.join("views")) {
+        for v in views.flatten() {
+            let old_enough = v
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age >= MIN_AGE);
+            if old_enough && !runtime_dir.join("jobs").join(v.file_name()).exists() {
+                let _ = std::fs::remove_dir_all(v.path());
+            }
         }
     }
     swept

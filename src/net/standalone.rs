@@ -8,11 +8,14 @@ use std::sync::Arc;
 /// Prints each denial on agentd's stderr, where the operator running the job looks.
 struct PrintDenials {
     job: String,
+    /// The job's view writer, told at once so the job can read why.
+    view: crate::job::selfview::Wake,
 }
 
 impl EgressObserver for PrintDenials {
     fn decided(&self, d: &Decision) {
         if !d.allowed {
+            self.view.refresh();
             eprintln!(
                 "agentd: job {}: egress denied ({} {}): {} [{}]",
                 self.job, d.protocol, d.destination, d.reason, d.rule
@@ -33,12 +36,15 @@ impl StandaloneProxy {
         job: &str,
         policy: EgressPolicy,
         listeners: ProxyListeners,
+        view: crate::job::selfview::Wake,
     ) -> std::io::Result<StandaloneProxy> {
         let observer = Arc::new(PrintDenials {
             job: job.to_owned(),
+            view,
         });
         let membrane = Membrane::new(job, policy, observer);
-        // Two workers: a download and its acknowledgements relay in parallel.
+        // One worker: on a small host a second one only competes with the job for CPU
+        // (scripts/bench-egress measured one as faster on two cores).
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("agentd-proxy")
@@ -64,6 +70,11 @@ impl StandaloneProxy {
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+
+    /// The job's membrane (its counters and denials, for the job's view).
+    pub fn membrane(&self) -> Arc<Membrane> {
+        self.membrane.clone()
     }
 
     /// Stops serving and returns the report of the job's network use.
