@@ -25,7 +25,7 @@ enum Command {
     /// failed or refused to run it; 126 if the command cannot be executed; 127 if it
     /// is not found.
     #[command(
-        after_help = "Examples:\n  agentd run -- sh -c 'id; ls /; touch /etc/x'\n  agentd run --workspace \"$PWD\" --policy ci-coding-agent --report job.json -- make test"
+        after_help = "Examples:\n  agentd run -- sh -c 'id; ls /; touch /etc/x'\n  agentd run --workspace \"$PWD\" --policy ci-coding-agent --report job.json -- make test\n  agentd run --net proxy --allow-domain registry.npmjs.org --workspace \"$PWD\" -- npm ci"
     )]
     Run(Box<RunArgs>),
     /// Run the supervisor daemon: jobs are submitted over a Unix socket (see agentctl),

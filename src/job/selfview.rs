@@ -397,3 +397,61 @@ impl Drop for RunView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_say_each_fact_once_and_json_all() {
+        let full = json!({
+            "limits": {"cpu": 0.5, "memory": 1000, "pids": 10, "timeout": null},
+            "network": {"mode": "proxy", "allow_domains": ["a.example"], "allow_private": false},
+            "enforced": {
+                "filesystem": [{"path": "/usr", "access": "exec", "rule": "p:filesystem.exec[0]"}],
+                "landlock": {"tcp_bind": [], "tcp_connect": [3128, 1080]},
+                "cgroup": {"limits_applied": {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"}},
+                "seccomp": {"big": "not kept"},
+            },
+        });
+        let compact: Value = serde_json::from_str(&compact_start_report(&full)).unwrap();
+        assert!(
+            compact["enforced"].get("seccomp").is_none(),
+            "only what the view shows"
+        );
+        let facts = Facts {
+            job_id: "0123456789ab",
+            agent: "a",
+            model: "m",
+            policy: "p",
+            policy_sha256: "00",
+            state: "running".into(),
+            lease: Some(("l1".into(), Some(42))),
+            cgroup_dirs: &[],
+        };
+        let usage = Usage {
+            memory_bytes: Some(400),
+            pids: Some(3),
+            ..Default::default()
+        };
+        let network = json!({"mode": "proxy", "allow_domains": ["a.example"], "allow_private": false,
+            "denied": 1, "denials": [{"protocol": "http", "destination": "b.example:80",
+            "reason": "no pattern", "rule": "p:network.allow_domains"}]});
+        let files = render(&facts, &compact, usage, &network);
+        assert_eq!(files["identity/job_id"], "0123456789ab\n");
+        assert_eq!(files["limits/memory"], "1000\n");
+        assert_eq!(files["limits/timeout"], "none\n");
+        assert_eq!(files["usage/memory_headroom_bytes"], "600\n");
+        assert_eq!(files["usage/pids_headroom"], "7\n");
+        assert_eq!(files["sched/cpu_max"], "50000 100000\n");
+        assert_eq!(files["lease/expires_ms"], "42\n");
+        assert_eq!(
+            files["denials"],
+            "http b.example:80: no pattern [p:network.allow_domains]\n"
+        );
+        assert!(files["grants/filesystem"].contains("exec /usr p:filesystem.exec[0]"));
+        let all: Value = serde_json::from_str(&files["json"]).unwrap();
+        assert_eq!(all["usage"]["memory_bytes"], 400);
+        assert_eq!(all["denials"][0]["destination"], "b.example:80");
+    }
+}

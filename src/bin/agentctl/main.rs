@@ -51,6 +51,7 @@ Examples:
   LEASE=$(agentctl lease take --ttl 5m); agentctl run --lease \"$LEASE\" --detach -- ./task
   agentctl run --review --workspace . -- ./agent   the change waits for review:
   agentctl diff JOB; agentctl accept --commit JOB  (or: agentctl reject JOB)
+  agentctl run --net proxy --allow-domain pypi.org --allow-domain files.pythonhosted.org -- pip download x
 
 Environment:
   AGENTD_SOCKET   the daemon's socket (as --socket)";
@@ -91,7 +92,9 @@ enum Command {
         agentctl run -- sh -c 'id; ls /'\n  \
         agentctl run --workspace \"$PWD\" --policy ci-coding-agent --memory 2G -- make test\n  \
         agentctl run --policy-file ./my.toml --env API_BASE=http://10.0.0.1 --env HOME -- ./agent\n  \
-        agentctl run --detach --timeout 2h -- ./nightly")]
+        agentctl run --detach --timeout 2h -- ./nightly
+  \
+        agentctl run --net proxy --allow-domain '*.github.com' -- git clone https://github.com/o/r")]
     Run(Box<RunArgs>),
     /// List jobs: ID STATE AGE POLICY AGENT LEASE COMMAND (jobs that have not ended, or
     /// all with --all).
@@ -171,8 +174,9 @@ enum Command {
     #[command(
         after_help = "Kinds: submitted admitted started frozen thawed exited killed failed lost adopted\n\
         detached denied lease-taken lease-renewed lease-released lease-expired accepted rejected\n\
-        rolled-back lagged\n\n\
-        Examples:\n  agentctl events -f --job JOB\n  agentctl events --kind exited,failed --since 100"
+        rolled-back egress-allowed egress-denied throttled oom-kill lagged\n\n\
+        Examples:\n  agentctl events -f --job JOB\n  agentctl events --kind exited,failed --since 100\n  \
+        agentctl events -f --filter egress-denied,JOB"
     )]
     Events {
         /// Keep printing events as they happen (never ends by itself).
