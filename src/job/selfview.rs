@@ -143,7 +143,8 @@ pub fn render(
     };
     let mut files = BTreeMap::new();
     let mut put = |name: &str, content: String| {
-        let content = if content.ends_with('\n') {
+        // One line per fact, newline-terminated; an empty list is an empty file.
+        let content = if content.is_empty() || content.ends_with('\n') {
             content
         } else {
             content + "\n"
