@@ -503,13 +503,15 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
             );
             let compact =
                 selfview::compact_start_report(&serde_json::to_value(&start).unwrap_or_default());
-            let handle =
+            let mut handle =
                 cgroup::open_job_cgroup(&plan.host_cgroups, &cgroup.dirs()).map_err(|source| {
                     Error::Cgroup {
                         job: id.clone(),
                         source,
                     }
                 })?;
+            // It only reads: the pipeline's own handle accounts and removes the cgroup.
+            handle.disown();
             let facts = selfview::RunFacts {
                 job_id: id.clone(),
                 agent: plan.policy.identity.agent.clone(),
