@@ -235,3 +235,40 @@ fn cgroups_of_an_agentd_killed_before_publish_are_swept_too() {
     );
     kill_then_sweep(&env, agentd, &job, &id);
 }
+
+/// agentd prints to its stderr while the job runs (an egress denial here); a reader of
+/// that stderr that went away must not kill agentd before it cleans up (EPIPE, not a
+/// panic-abort that leaves the cgroups and the runtime directory behind).
+#[test]
+fn a_closed_stderr_does_not_stop_the_cleanup() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let env = Env::new();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created; the read end is closed at once.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let out = Command::new(common::AGENTD)
+        .args(["run", "--net", "proxy", "--allow-domain", "a.example", "--"])
+        .args(["sh", "-c", "echo $AGENTD_JOB_ID; curl -sS --max-time 5 http://blocked.example/ >/dev/null 2>&1; echo done"])
+        .env("AGENTD_RUNTIME_DIR", env.runtime_dir())
+        .stderr(std::process::Stdio::from(write))
+        .output()
+        .expect("run agentd");
+    let text = common::stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "agentd died: {:?}\n{text}",
+        out.status
+    );
+    assert!(text.ends_with("done\n"), "{text}");
+    let id = text.lines().next().unwrap_or_default();
+    assert!(
+        common::cgroups_of(id).is_empty(),
+        "{:?}",
+        common::cgroups_of(id)
+    );
+    env.assert_clean();
+}

@@ -29,12 +29,22 @@ use report::{CgroupReport, JobExit, JobReport};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
+/// One line on agentd's stderr. A write error is ignored: `eprintln!` would panic (and,
+/// with panic=abort, kill agentd before it removed the job's cgroup and runtime
+/// directory) when the reader of our stderr went away.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(line.as_bytes());
+    let _ = err.write_all(b"\n");
+}
+
 /// Runs one job to completion; returns agentd's exit status.
 pub fn run(options: RunOptions) -> i32 {
     match run_pipeline(options) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("agentd: {e}");
+            say(&format!("agentd: {e}"));
             e.exit_code()
         }
     }
@@ -416,7 +426,9 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let cgroup_parents =
         cgroup::parent_dirs(&plan.host_cgroups, plan.options.cgroup_parent.as_deref());
     for stale in stale::sweep(&plan.options.runtime_dir, &cgroup_parents) {
-        eprintln!("agentd: removed job {stale}, left behind by an agentd that died");
+        say(&format!(
+            "agentd: removed job {stale}, left behind by an agentd that died"
+        ));
     }
     let id = new_job_id();
     let runtime_dir = plan.options.runtime_dir.clone();
@@ -447,7 +459,9 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
 
     // 5. start — unless an interrupt arrived during setup.
     if let Some(sig) = signals.next() {
-        eprintln!("agentd: job {id}: interrupted by signal {sig} before start; nothing ran");
+        say(&format!(
+            "agentd: job {id}: interrupted by signal {sig} before start; nothing ran"
+        ));
         return Ok(128 + sig);
     }
     let started = Instant::now();
@@ -555,16 +569,16 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
     let exit = JobExit::from_outcome(&outcome, &plan.sandbox);
     let cgroup_report = CgroupReport::of(cgroup.as_ref());
     if let Err(e) = cgroup.remove() {
-        eprintln!("agentd: job {id}: warning: {e}");
+        say(&format!("agentd: job {id}: warning: {e}"));
     }
     if let Some(m) = exit.message() {
-        eprintln!("agentd: job {id}: {m}");
+        say(&format!("agentd: job {id}: {m}"));
     }
     if outcome.timed_out {
-        eprintln!(
+        say(&format!(
             "agentd: job {id}: timed out after {:?}",
             plan.limits.timeout.unwrap_or_default()
-        );
+        ));
     }
 
     if let Some(path) = &plan.options.report {
@@ -582,10 +596,10 @@ fn run_pipeline(options: RunOptions) -> Result<i32, Error> {
             job_report.network = network;
         }
         if let Err(e) = report::write_report(path, &job_report) {
-            eprintln!(
+            say(&format!(
                 "agentd: job {id}: cannot write the report {}: {e}",
                 path.display()
-            );
+            ));
             return Ok(125);
         }
     }

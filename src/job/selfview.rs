@@ -376,7 +376,10 @@ impl RunView {
                     };
                     let files = render(&f, &start_report, cgroup.usage(), &network);
                     if let Err(e) = writer.write_changed(&dir, &files) {
-                        eprintln!("agentd: job {}: cannot write its view: {e}", facts.job_id);
+                        super::say(&format!(
+                            "agentd: job {}: cannot write its view: {e}",
+                            facts.job_id
+                        ));
                     }
                     if w.wait(std::time::Duration::from_secs(1)) {
                         break;

@@ -209,6 +209,32 @@ impl Membrane {
         r
     }
 
+    /// The policy key a decision rests on, qualified by the policy's name.
+    fn rule(&self, key: &str) -> String {
+        format!("{}:network.{key}", self.policy.policy_name)
+    }
+
+    fn no_pattern(&self, destination: &str) -> String {
+        format!(
+            "no network.allow_domains pattern of policy {} matches {destination}",
+            self.policy.policy_name
+        )
+    }
+
+    /// The resolver's refusal of `name`: one decision per name (see `first_refusal`).
+    fn refuse_name(&self, name: &str, rule: String, reason: String) {
+        if self.first_refusal(name) {
+            self.decide(Decision {
+                protocol: "dns",
+                destination: name.to_owned(),
+                address: None,
+                allowed: false,
+                rule,
+                reason,
+            });
+        }
+    }
+
     /// Whether `name` is refused for the first time (one decision per name; past the
     /// bound, every refusal is one).
     fn first_refusal(&self, name: &str) -> bool {
@@ -302,7 +328,7 @@ impl Membrane {
                     Some(name) => (name, Some(ip)),
                     None => {
                         return Err(deny(
-                            format!("{}:network.allow_domains", self.policy.policy_name),
+                            self.rule("allow_domains"),
                             format!(
                                 "{destination} is a bare address; only names matching network.allow_domains are allowed (and addresses the job's resolver returned for them)"
                             ),
@@ -314,11 +340,8 @@ impl Membrane {
         };
         let Some(rule) = rules::matching(&self.policy.allow, &name, Some(port)) else {
             return Err(deny(
-                format!("{}:network.allow_domains", self.policy.policy_name),
-                format!(
-                    "no network.allow_domains pattern of policy {} matches {name}:{port}",
-                    self.policy.policy_name
-                ),
+                self.rule("allow_domains"),
+                self.no_pattern(&format!("{name}:{port}")),
             ));
         };
         let rule = rule.rule.clone();
@@ -335,13 +358,7 @@ impl Membrane {
         if public.is_empty() {
             let shown = private.first().map(|a| a.ip());
             return Err(match shown {
-                Some(ip) => deny(
-                    format!("{}:network.allow_private", self.policy.policy_name),
-                    format!(
-                        "{name} resolves to {ip}, a {} address; such destinations need network.allow_private (or --allow-private)",
-                        rules::private_kind(ip).unwrap_or("private")
-                    ),
-                ),
+                Some(ip) => deny(self.rule("allow_private"), private_reason(&name, ip)),
                 None => Refusal::Failed(format!("{name} has no address")),
             });
         }
@@ -580,20 +597,7 @@ impl Membrane {
         }
         let name = rules::normalize(&q.name);
         if rules::matching(&self.policy.allow, &name, None).is_none() {
-            let first = self.first_refusal(&name);
-            if first {
-                self.decide(Decision {
-                    protocol: "dns",
-                    destination: name.clone(),
-                    address: None,
-                    allowed: false,
-                    rule: format!("{}:network.allow_domains", self.policy.policy_name),
-                    reason: format!(
-                        "no network.allow_domains pattern of policy {} matches {name}",
-                        self.policy.policy_name
-                    ),
-                });
-            }
+            self.refuse_name(&name, self.rule("allow_domains"), self.no_pattern(&name));
             return dns::answer(&q, dns::RCODE_NXDOMAIN, &[]);
         }
         if q.qtype != dns::TYPE_A && q.qtype != dns::TYPE_AAAA {
@@ -609,21 +613,11 @@ impl Membrane {
             .filter(|ip| self.policy.allow_private || rules::private_kind(*ip).is_none())
             .collect();
         if public.is_empty() && !addrs.is_empty() {
-            let first = self.first_refusal(&name);
-            if first {
-                self.decide(Decision {
-                    protocol: "dns",
-                    destination: name.clone(),
-                    address: None,
-                    allowed: false,
-                    rule: format!("{}:network.allow_private", self.policy.policy_name),
-                    reason: format!(
-                        "{name} resolves to {}, a {} address; such destinations need network.allow_private (or --allow-private)",
-                        addrs[0],
-                        rules::private_kind(addrs[0]).unwrap_or("private")
-                    ),
-                });
-            }
+            self.refuse_name(
+                &name,
+                self.rule("allow_private"),
+                private_reason(&name, addrs[0]),
+            );
             return dns::answer(&q, dns::RCODE_NXDOMAIN, &[]);
         }
         {
@@ -673,6 +667,13 @@ impl NetworkReport {
             ..Default::default()
         }
     }
+}
+
+fn private_reason(name: &str, ip: IpAddr) -> String {
+    format!(
+        "{name} resolves to {ip}, a {} address; such destinations need network.allow_private (or --allow-private)",
+        rules::private_kind(ip).unwrap_or("private")
+    )
 }
 
 #[derive(Clone, Copy)]

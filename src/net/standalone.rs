@@ -16,10 +16,10 @@ impl EgressObserver for PrintDenials {
     fn decided(&self, d: &Decision) {
         if !d.allowed {
             self.view.refresh();
-            eprintln!(
+            crate::job::say(&format!(
                 "agentd: job {}: egress denied ({} {}): {} [{}]",
                 self.job, d.protocol, d.destination, d.reason, d.rule
-            );
+            ));
         }
     }
 }
