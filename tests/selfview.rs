@@ -218,7 +218,8 @@ touch /run/agentd/self/x 2>/dev/null || echo read-only
         .find_map(|l| l.strip_prefix("pids="))
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("{text}"));
-    assert!(pids >= 2, "{text}");
+    // The view as last written: at its first write the job may still be only its init.
+    assert!(pids >= 1, "{text}");
     assert!(
         text.contains("http blocked.example:80: no network.allow_domains pattern"),
         "{text}"
