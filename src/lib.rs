@@ -17,6 +17,7 @@ pub mod net;
 pub mod sandbox;
 pub mod spec;
 pub mod store;
+pub mod telemetry;
 
 pub use error::Error;
 pub mod workspace;

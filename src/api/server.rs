@@ -38,6 +38,7 @@ impl IntoResponse for ApiError {
             status,
             axum::Json(ErrorBody {
                 error: self.message,
+                refusal: self.refusal,
             }),
         )
             .into_response()
@@ -239,6 +240,7 @@ fn routes(d: Arc<Daemon>) -> Router {
         .route("/v1/leases", post(take_lease).get(list_leases))
         .route("/v1/leases/{id}/renew", post(renew_lease))
         .route("/v1/leases/{id}/release", post(release_lease))
+        .route("/v1/classes", get(classes))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::not_found("no such endpoint (see README, \"Control API\")")
@@ -700,6 +702,19 @@ async fn release_lease(
     to_the_end(async move { leases::release(&d, who, &id).await })
         .await
         .map(axum::Json)
+}
+
+#[derive(serde::Deserialize)]
+struct ClassesQuery {
+    job: Option<String>,
+}
+
+async fn classes(
+    State(d): State<Arc<Daemon>>,
+    axum::extract::Query(q): axum::extract::Query<ClassesQuery>,
+) -> axum::Json<crate::api::types::ClassesReport> {
+    let (classes, jobs) = d.classes.stats(q.job.as_deref());
+    axum::Json(crate::api::types::ClassesReport { classes, jobs })
 }
 
 async fn metrics(State(d): State<Arc<Daemon>>) -> Response {

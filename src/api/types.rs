@@ -214,9 +214,18 @@ pub struct JobInfo {
 pub struct ToolCall {
     /// The tool, e.g. "grep", "web_search": letters, digits, '.', '_', '-', '/', ':'.
     pub name: String,
-    /// A digest of its arguments (hex), never the arguments themselves.
+    /// A digest of its arguments (hex). Computed by the daemon (sha256 of `args`) when
+    /// the job sends the arguments; else as the job gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args_digest: Option<String>,
+    /// The arguments' size in bytes, when the job sent them (set by the daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_bytes: Option<u64>,
+    /// The arguments themselves, which may hold secrets (tokens, keys): accepted from
+    /// the job, kept in the daemon's memory only, never serialized (so never stored,
+    /// shown, logged or sent; export policy "never", see telemetry::classes).
+    #[serde(default, skip_serializing)]
+    pub args: Option<serde_json::Value>,
     /// How it ended, e.g. "ok", "error".
     pub status: String,
     /// Set by the daemon.
@@ -437,8 +446,20 @@ pub struct Event {
     pub detail: String,
 }
 
+/// GET /v1/classes: the daemon's runtime objects by class (like /proc/slabinfo), and
+/// what each job holds of the classes jobs own (only `?job=ID`'s if given).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassesReport {
+    pub classes: Vec<crate::telemetry::classes::ClassStats>,
+    pub jobs: Vec<crate::telemetry::classes::JobClassStats>,
+}
+
 /// Every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// A typed refusal, for a program to act on: `{"kind": "quota-exceeded", "class",
+    /// "bound" ("objects" or "bytes"), "limit", "held", "asked", "rule"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<serde_json::Value>,
 }

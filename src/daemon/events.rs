@@ -4,7 +4,8 @@
 
 use crate::api::types::{Event, EventKind};
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use crate::telemetry::classes::{Accounting, Class};
+use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 /// Events kept for readers that ask for history (`since`).
@@ -13,6 +14,8 @@ const RING: usize = 4096;
 pub struct EventBus {
     inner: Mutex<Ring>,
     tx: broadcast::Sender<Event>,
+    /// The ring's events are charged to the `event` class.
+    classes: Arc<Accounting>,
 }
 
 struct Ring {
@@ -26,9 +29,22 @@ impl Default for EventBus {
     }
 }
 
+/// An event's bytes in the ring.
+fn event_bytes(e: &Event) -> u64 {
+    (std::mem::size_of::<Event>()
+        + e.detail.len()
+        + e.job.as_ref().map_or(0, String::len)
+        + e.lease.as_ref().map_or(0, String::len)) as u64
+}
+
 impl EventBus {
     pub fn new() -> EventBus {
+        Self::with_accounting(Arc::new(Accounting::default()))
+    }
+
+    pub fn with_accounting(classes: Arc<Accounting>) -> EventBus {
         EventBus {
+            classes,
             inner: Mutex::new(Ring {
                 next_seq: 1,
                 events: VecDeque::with_capacity(RING),
@@ -74,9 +90,14 @@ impl EventBus {
                 }
             );
         }
-        if ring.events.len() == RING {
-            ring.events.pop_front();
+        if ring.events.len() == RING
+            && let Some(old) = ring.events.pop_front()
+        {
+            self.classes
+                .sub_global(Class::Event, 1, event_bytes(&old));
         }
+        self.classes
+            .add_global(Class::Event, 1, event_bytes(&event));
         ring.events.push_back(event.clone());
         // Sent under the lock so followers see events in seq order.
         let _ = self.tx.send(event);

@@ -18,6 +18,8 @@ use std::time::Duration;
 pub struct ApiError {
     pub status: u16,
     pub message: String,
+    /// A typed refusal's machine-readable part (ErrorBody::refusal).
+    pub refusal: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -25,6 +27,20 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            refusal: None,
+        }
+    }
+    /// A quota refusal (429), with what was held and asked for a program to read.
+    pub fn quota(e: &crate::telemetry::classes::QuotaExceeded, policy: &str) -> ApiError {
+        let key = crate::spec::quotas::key_of(e.class, e.bound);
+        ApiError {
+            status: 429,
+            message: format!("refused: {e} (policy {policy}: {key} = {})", e.limit),
+            refusal: Some(serde_json::json!({
+                "kind": "quota-exceeded", "class": e.class.name(), "bound": e.bound,
+                "limit": e.limit, "held": e.held, "asked": e.asked,
+                "rule": format!("{policy}:{key}"),
+            })),
         }
     }
     pub fn bad_request(m: impl Into<String>) -> ApiError {

@@ -2,9 +2,15 @@
 //! (`AGENTD_SOCKET`), a directory of the daemon's runtime directory bind-mounted
 //! read-only. The socket is the job's identity: whoever connects to it speaks for that
 //! job, and only for it. It offers what a job may do about itself:
-//!   GET  /v1/self             its id, identity, policy;
-//!   POST /v1/self/tool-calls  record a tool call (name, digest of the arguments,
-//!                             status), kept with the job as provenance.
+//!   GET  /v1/self                  its id, identity, policy;
+//!   POST /v1/self/tool-calls       record a tool call (name, status, and its arguments
+//!                                  or their digest), kept with the job as provenance;
+//!   GET  /v1/self/tool-calls       the calls it recorded (what an agent may see);
+//!   PUT|GET|DELETE /v1/self/context/NAME, GET /v1/self/context
+//!                                  context segments it keeps with the daemon (context);
+//!   GET  /v1/self/objects          what it holds of each object class, and its quotas.
+//! Tool-call arguments may hold secrets: the daemon digests them and keeps them in
+//! memory only; no response, store row, event, view or log carries them.
 //! The directory, not the socket, is what the job's mount holds, so a restarted daemon
 //! binds a new socket in it and a running job reaches the new daemon.
 
@@ -12,14 +18,11 @@ use super::Daemon;
 use super::jobs::ApiError;
 use crate::api::types::{SelfInfo, ToolCall};
 use crate::store::WriteBatch;
+use crate::telemetry::classes::{self, Audience, Class};
 use axum::extract::State;
 use axum::routing::{get, post};
 use std::path::PathBuf;
 use std::sync::Arc;
-
-/// A job may record at most this many tool calls (a bound on what it can make the
-/// daemon keep).
-pub const MAX_TOOL_CALLS: usize = 10_000;
 
 /// `<runtime_dir>/sockets/<job>`: the directory the job sees at /run/agentd.
 pub fn dir(d: &Daemon, id: &str) -> PathBuf {
@@ -50,9 +53,22 @@ pub fn open(d: &Arc<Daemon>, id: &str) -> std::io::Result<()> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
     let router = axum::Router::new()
         .route("/v1/self", get(whoami))
-        .route("/v1/self/tool-calls", post(tool_call))
+        .route("/v1/self/tool-calls", post(tool_call).get(tool_calls))
+        .route("/v1/self/context", get(context_list))
+        .route(
+            "/v1/self/context/{name}",
+            axum::routing::put(context_put)
+                .get(context_get)
+                .delete(context_delete)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    super::context::MAX_SEGMENT_BYTES,
+                )),
+        )
+        .route("/v1/self/objects", get(objects))
         .fallback(|| async {
-            ApiError::not_found("a job's socket offers /v1/self and /v1/self/tool-calls only")
+            ApiError::not_found(
+                "a job's socket offers /v1/self, /v1/self/tool-calls, /v1/self/context and /v1/self/objects",
+            )
         })
         .with_state((d.clone(), id.to_owned()));
     let task = tokio::spawn(async move {
@@ -129,13 +145,28 @@ fn check(call: &ToolCall) -> Result<(), String> {
 async fn tool_call(
     State((d, id)): JobState,
     body: axum::body::Bytes,
-) -> Result<(axum::http::StatusCode, axum::Json<ToolCall>), ApiError> {
-    let mut call: ToolCall = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("a tool call: {e}")))?;
+) -> Result<(axum::http::StatusCode, axum::Json<serde_json::Value>), ApiError> {
+    // The error never quotes the body: it may hold the call's secret arguments.
+    let mut call: ToolCall = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "a tool call: expected {{\"name\", \"status\", \"args\" or \"args_digest\"}} (JSON, line {} column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    drop(body);
     check(&call).map_err(ApiError::bad_request)?;
+    // The digest is the daemon's when it has the arguments.
+    call.args_bytes = None;
+    if let Some(args) = &call.args {
+        use sha2::Digest;
+        let text = args.to_string();
+        call.args_digest = Some(crate::spec::hex(&sha2::Sha256::digest(text.as_bytes())));
+        call.args_bytes = Some(text.len() as u64);
+    }
     call.time_ms = super::now_ms();
     let _ordered = d.ordered(&id).await;
-    let record = {
+    let charged = {
         let mut jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs
             .get_mut(&id)
@@ -143,14 +174,23 @@ async fn tool_call(
         if e.info.state.is_terminal() {
             return Err(ApiError::conflict("the job has ended"));
         }
-        if e.info.tool_calls.len() >= MAX_TOOL_CALLS {
-            return Err(ApiError::new(
-                429,
-                format!("this job recorded {MAX_TOOL_CALLS} tool calls, the most a job may"),
-            ));
+        let quota = e.runtime.quotas.tool_calls;
+        match e
+            .tool_call_charge
+            .grow(1, super::tool_call_bytes(&call), quota)
+        {
+            Ok(()) => {
+                e.info.tool_calls.push(call.clone());
+                Ok(e.record())
+            }
+            Err(refused) => Err(refused),
         }
-        e.info.tool_calls.push(call.clone());
-        e.record()
+    };
+    let record = match charged {
+        Ok(r) => r,
+        Err(refused) => {
+            return Err(super::context::refuse(&d, &id, "tool-call.record", refused).await);
+        }
     };
     d.commit(WriteBatch {
         jobs: vec![record],
@@ -158,5 +198,153 @@ async fn tool_call(
     })
     .await
     .map_err(|e| ApiError::internal(format!("cannot record the tool call: {e}")))?;
-    Ok((axum::http::StatusCode::CREATED, axum::Json(call)))
+    Ok((
+        axum::http::StatusCode::CREATED,
+        axum::Json(for_agent(Class::ToolCall, &call)),
+    ))
+}
+
+/// An object as its job may see it (the class's export policy).
+fn for_agent<T: serde::Serialize>(class: Class, value: &T) -> serde_json::Value {
+    let v = serde_json::to_value(value).expect("serializes");
+    classes::export(class, &v, Audience::Agent)
+}
+
+async fn tool_calls(State((d, id)): JobState) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let jobs = d.jobs.lock().expect("jobs lock");
+    let e = jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("this job is not known to the daemon"))?;
+    Ok(axum::Json(for_agent(Class::ToolCall, &e.info.tool_calls)))
+}
+
+type NamedState = axum::extract::Path<String>;
+
+async fn context_list(
+    State((d, id)): JobState,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let jobs = d.jobs.lock().expect("jobs lock");
+    let e = jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("this job is not known to the daemon"))?;
+    Ok(axum::Json(for_agent(
+        Class::ContextSegment,
+        &e.context.list(),
+    )))
+}
+
+async fn context_put(
+    State((d, id)): JobState,
+    axum::extract::Path(name): NamedState,
+    headers: axum::http::HeaderMap,
+    request: axum::extract::Request,
+) -> Result<(axum::http::StatusCode, axum::Json<serde_json::Value>), ApiError> {
+    super::context::check_name(&name).map_err(ApiError::bad_request)?;
+    // Refused before the body is read when its length says it would not fit, so an
+    // over-quota job never makes the daemon buffer what it sends.
+    let len = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let Some(len) = len else {
+        return Err(ApiError::new(
+            411,
+            "a context segment needs a Content-Length (the daemon checks the quota first)",
+        ));
+    };
+    if len > super::context::MAX_SEGMENT_BYTES {
+        return Err(ApiError::new(
+            413,
+            format!(
+                "a context segment holds at most {} bytes; this one has {len}",
+                super::context::MAX_SEGMENT_BYTES
+            ),
+        ));
+    }
+    let admitted = {
+        let jobs = d.jobs.lock().expect("jobs lock");
+        let e = jobs
+            .get(&id)
+            .ok_or_else(|| ApiError::not_found("this job is not known to the daemon"))?;
+        if e.info.state.is_terminal() {
+            return Err(ApiError::conflict("the job has ended"));
+        }
+        e.context.admits(&name, len, e.runtime.quotas.context)
+    };
+    if let Err(refused) = admitted {
+        return Err(super::context::refuse(&d, &id, "context.store", refused).await);
+    }
+    let body = axum::body::to_bytes(request.into_body(), len)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("the segment's body: {e}")))?;
+    let stored = {
+        let mut jobs = d.jobs.lock().expect("jobs lock");
+        let e = jobs
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::not_found("this job is not known to the daemon"))?;
+        let quota = e.runtime.quotas.context;
+        e.context.put(&name, body, quota, super::now_ms())
+    };
+    match stored {
+        Ok(info) => Ok((
+            axum::http::StatusCode::CREATED,
+            axum::Json(for_agent(Class::ContextSegment, &info)),
+        )),
+        Err(refused) => Err(super::context::refuse(&d, &id, "context.store", refused).await),
+    }
+}
+
+async fn context_get(
+    State((d, id)): JobState,
+    axum::extract::Path(name): NamedState,
+) -> Result<bytes::Bytes, ApiError> {
+    let jobs = d.jobs.lock().expect("jobs lock");
+    let e = jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("this job is not known to the daemon"))?;
+    e.context
+        .get(&name)
+        .ok_or_else(|| ApiError::not_found(format!("this job has no context segment {name:?}")))
+}
+
+async fn context_delete(
+    State((d, id)): JobState,
+    axum::extract::Path(name): NamedState,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let mut jobs = d.jobs.lock().expect("jobs lock");
+    let e = jobs
+        .get_mut(&id)
+        .ok_or_else(|| ApiError::not_found("this job is not known to the daemon"))?;
+    if e.context.remove(&name) {
+        Ok(axum::http::StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "this job has no context segment {name:?}"
+        )))
+    }
+}
+
+/// What the job holds of each class it owns, with its quota.
+pub fn job_objects(d: &Daemon, id: &str) -> Option<serde_json::Value> {
+    let quotas = d.jobs.lock().expect("jobs lock").get(id)?.runtime.quotas;
+    let mut out = serde_json::Map::new();
+    for (class, quota) in [
+        (Class::ToolCall, Some(quotas.tool_calls)),
+        (Class::ContextSegment, Some(quotas.context)),
+        (Class::Job, None),
+    ] {
+        let held = d.classes.held(id, class);
+        out.insert(
+            class.name().into(),
+            serde_json::json!({"live": held.live, "bytes": held.bytes,
+                "quota_objects": quota.and_then(|q| q.objects),
+                "quota_bytes": quota.and_then(|q| q.bytes)}),
+        );
+    }
+    Some(serde_json::Value::Object(out))
+}
+
+async fn objects(State((d, id)): JobState) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    job_objects(&d, &id)
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::not_found("this job is not known to the daemon"))
 }

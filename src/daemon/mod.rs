@@ -8,6 +8,7 @@
 //! the socket → READY=1 → serve. A SIGTERM stops the daemon and leaves jobs running:
 //! the next daemon adopts them.
 
+pub mod context;
 pub mod egress;
 pub mod events;
 pub mod jobs;
@@ -28,6 +29,7 @@ use crate::api::types::{JobInfo, LeaseInfo};
 use crate::audit::{NewOperation, Requester};
 use crate::cgroup::{HostCgroups, JobCgroup};
 use crate::store::{JobRecord, Store, WriteBatch};
+use crate::telemetry::classes::{Accounting, Charge, Class, Quota};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -97,6 +99,9 @@ pub struct JobRuntime {
     pub job_uid: u32,
     #[serde(default)]
     pub job_gid: u32,
+    /// What the job may make the daemon hold (its policy's `[quotas]`).
+    #[serde(default)]
+    pub quotas: crate::spec::quotas::Quotas,
 }
 
 /// One job as the daemon holds it.
@@ -115,11 +120,29 @@ pub struct JobEntry {
     /// Serializes this job's change-then-commit sequences, so the store always ends with
     /// the latest state and operation rows follow the job's own order.
     pub order: Arc<tokio::sync::Mutex<()>>,
+    /// What the job's objects are charged to (telemetry::classes): the descriptor
+    /// itself, its tool-call records, and its context segments with their charge.
+    pub descriptor_charge: Charge,
+    pub tool_call_charge: Charge,
+    pub context: context::Segments,
 }
 
 impl JobEntry {
-    pub fn new(info: JobInfo, runtime: JobRuntime) -> JobEntry {
+    /// A job the daemon holds from now on, charged to the classes it owns (without
+    /// quotas: what a job already holds when it is loaded or submitted is allowed).
+    pub fn new(info: JobInfo, runtime: JobRuntime, classes: &Arc<Accounting>) -> JobEntry {
+        let unbounded = Quota::default();
+        let id = info.id.clone();
+        let charge = |class, live, bytes| {
+            classes
+                .charge(class, Some(&id), live, bytes, unbounded)
+                .expect("no quota")
+        };
+        let tool_calls = info.tool_calls.iter().map(tool_call_bytes).sum();
         JobEntry {
+            descriptor_charge: charge(Class::Job, 1, descriptor_bytes(&info, &runtime)),
+            tool_call_charge: charge(Class::ToolCall, info.tool_calls.len() as u64, tool_calls),
+            context: context::Segments::new(charge(Class::ContextSegment, 0, 0)),
             state_tx: watch_ch::channel(info.state).0,
             info,
             runtime,
@@ -131,12 +154,53 @@ impl JobEntry {
         }
     }
 
+    /// Charges the descriptor again for what it holds now (its report came or went).
+    pub fn recharge(&mut self) {
+        let now = descriptor_bytes(&self.info, &self.runtime);
+        let before = self.descriptor_charge.bytes();
+        if now > before {
+            let _ = self
+                .descriptor_charge
+                .grow(0, now - before, Quota::default());
+        } else {
+            self.descriptor_charge.shrink(0, before - now);
+        }
+    }
+
     pub fn record(&self) -> JobRecord {
         JobRecord {
             info: self.info.clone(),
             runtime: serde_json::to_value(&self.runtime).expect("runtime serializes"),
         }
     }
+}
+
+/// A job descriptor's bytes: the entry and the heap it owns that grows with the job
+/// (command, report, review, tool calls are charged to their own class).
+fn descriptor_bytes(info: &JobInfo, runtime: &JobRuntime) -> u64 {
+    let strings = info.command.iter().map(|a| a.len() + 24).sum::<usize>()
+        + info.id.len()
+        + info.policy.len()
+        + info.policy_hash.len()
+        + info.agent.len()
+        + info.model.len()
+        + info.workspace.as_ref().map_or(0, String::len)
+        + info.cgroup.iter().map(|c| c.len() + 24).sum::<usize>()
+        + info.reason.as_ref().map_or(0, String::len)
+        + runtime.rundir.len()
+        + runtime.jobdir.len()
+        + runtime.report.as_ref().map_or(0, String::len)
+        + runtime.cgroup_dirs.iter().map(|c| c.len() + 24).sum::<usize>();
+    (std::mem::size_of::<JobEntry>() + strings) as u64
+}
+
+/// A tool-call record's bytes (its arguments included: the daemon holds them).
+pub fn tool_call_bytes(t: &crate::api::types::ToolCall) -> u64 {
+    (std::mem::size_of::<crate::api::types::ToolCall>()
+        + t.name.len()
+        + t.status.len()
+        + t.args_digest.as_ref().map_or(0, String::len)) as u64
+        + t.args_bytes.unwrap_or(0)
 }
 
 /// The daemon's shared state.
@@ -161,12 +225,32 @@ pub struct Daemon {
     pub job_sockets: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// What each running job's /run/agentd/self shows (selfview).
     pub selfviews: selfview::SelfViews,
+    /// The runtime objects the daemon holds, by class and job (`agentctl classes`).
+    pub classes: Arc<Accounting>,
 }
 
 impl Daemon {
     /// Writes a batch through the store's group commit.
     pub async fn commit(&self, batch: WriteBatch) -> Result<(), crate::store::StoreError> {
         let n = batch.ops.len() as u64;
+        // The rows are charged to their class until they are durable (or failed).
+        let bytes: usize = batch
+            .ops
+            .iter()
+            .map(|o| {
+                std::mem::size_of::<NewOperation>()
+                    + o.action.len()
+                    + o.authority.len()
+                    + o.rollback.len()
+                    + o.target.as_ref().map_or(0, String::len)
+                    + o.change.to_string().len()
+            })
+            .sum();
+        let _in_flight = (n > 0).then(|| {
+            self.classes
+                .charge(Class::Operation, None, n, bytes as u64, Quota::default())
+                .expect("no quota")
+        });
         self.store.commit(batch).await?;
         self.metrics.operations_written(n);
         Ok(())
@@ -310,10 +394,12 @@ pub fn serve(opts: ServeOptions) -> i32 {
             return 125;
         }
     };
+    let classes = Arc::new(Accounting::default());
     let daemon = Arc::new(Daemon {
         opts,
         store,
-        events: events::EventBus::new(),
+        events: events::EventBus::with_accounting(classes.clone()),
+        classes,
         metrics: metrics::Metrics::default(),
         host_cgroups,
         jobs: Mutex::new(HashMap::new()),

@@ -46,7 +46,7 @@ pub async fn recover(d: &Arc<Daemon>) -> Result<(), crate::store::StoreError> {
             let mut info = r.info;
             // Reports stay in the store; `inspect` reads them from there.
             info.report = None;
-            jobs.insert(info.id.clone(), JobEntry::new(info, runtime));
+            jobs.insert(info.id.clone(), JobEntry::new(info, runtime, &d.classes));
         }
     }
     super::jobs::prune_ended(d);

@@ -130,6 +130,8 @@ pub async fn refresh_loop(d: Arc<Daemon>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // The object classes' allocation rate is sampled on the same clock.
+        d.classes.sample();
         let ids: Vec<String> = d
             .jobs
             .lock()
@@ -171,6 +173,7 @@ fn snapshot(
         policy_hash: String,
         state: crate::api::types::JobState,
         lease: Option<String>,
+        refusals: Vec<Value>,
     }
     let (info, cgroup_dirs, cgroup, membrane) = {
         let jobs = d.jobs.lock().expect("jobs lock");
@@ -183,6 +186,7 @@ fn snapshot(
                 policy_hash: e.info.policy_hash.clone(),
                 state: e.info.state,
                 lease: e.info.lease.clone(),
+                refusals: e.context.refusals.iter().cloned().collect(),
             },
             e.runtime.cgroup_dirs.clone(),
             e.cgroup.clone(),
@@ -229,6 +233,8 @@ fn snapshot(
         state: info.state.to_string(),
         lease,
         cgroup_dirs: &cgroup_dirs,
+        objects: super::jobsock::job_objects(d, id),
+        refusals: info.refusals,
     };
     let files =
         crate::job::selfview::render(&facts, &start_report, usage.unwrap_or_default(), &network);

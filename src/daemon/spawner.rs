@@ -282,6 +282,7 @@ fn spawn_job(req: &SpawnRequest) -> Result<SpawnedJob, String> {
         egress: (plan.egress.mode == crate::net::NetMode::Proxy).then(|| plan.egress.clone()),
         job_uid: plan.ids.host_uid,
         job_gid: plan.ids.host_gid,
+        quotas: plan.policy.quotas,
     };
     Ok(SpawnedJob {
         pid,

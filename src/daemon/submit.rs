@@ -173,9 +173,10 @@ pub async fn submit(
         kill_grace_ms: policy.lifecycle.kill_grace.as_millis() as u64,
         policy_durable: policy.lifecycle.durable,
         timeout_ms: plan.limits.timeout.map(|t| t.as_millis() as u64),
+        quotas: policy.quotas,
         ..Default::default()
     };
-    let entry = JobEntry::new(info.clone(), runtime);
+    let entry = JobEntry::new(info.clone(), runtime, &d.classes);
     let owner = match &req.lease {
         Some(l) => format!("lease {l}"),
         None => format!("durable (policy {}: lifecycle.durable = true)", policy.name),
@@ -440,6 +441,7 @@ async fn start(
                 e.info.pid = Some(s.pid);
                 e.info.started_ms = Some(now_ms());
                 e.info.cgroup = e.runtime.cgroup_dirs.clone();
+                e.recharge();
                 e.cgroup = Some(Arc::new(Mutex::new(s.cgroup)));
                 e.pidfd = Some(pidfd.clone());
                 e.state_tx.send_replace(JobState::Running);

@@ -271,6 +271,9 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
     // longer in memory (a daemon keeps every job it ran).
     if let Some(e) = d.jobs.lock().expect("jobs lock").get_mut(id) {
         e.info.report = None;
+        // Its context segments went with it (they live while the job runs).
+        e.context.clear();
+        e.recharge();
     }
     jobs::prune_ended(d);
     let kind = match info.state {

@@ -23,6 +23,11 @@ pub struct Facts<'a> {
     pub lease: Option<(String, Option<u64>)>,
     /// The job's cgroup directories (pressure is read there).
     pub cgroup_dirs: &'a [String],
+    /// What the job holds of each object class the daemon charges it, with the quota
+    /// (`objects/CLASS`); None for `agentd run` (there is no daemon to hold anything).
+    pub objects: Option<Value>,
+    /// Refusals other than the network's (quotas), in the denials' shape.
+    pub refusals: Vec<Value>,
 }
 
 /// The parts of a job report the view shows, as one small document: kept per running
@@ -78,7 +83,8 @@ pub fn render(
         }
         "unavailable: the kernel reports pressure per cgroup on cgroup v2 only\n".into()
     };
-    let denials: Vec<Value> = network["denials"].as_array().cloned().unwrap_or_default();
+    let mut denials: Vec<Value> = network["denials"].as_array().cloned().unwrap_or_default();
+    denials.extend(f.refusals.iter().cloned());
     let denial_lines: String = denials
         .iter()
         .map(|d| {
@@ -133,7 +139,8 @@ pub fn render(
             "tcp_bind": start_report["enforced"]["landlock"]["tcp_bind"],
             "tcp_connect": start_report["enforced"]["landlock"]["tcp_connect"]}},
         "denials": denials,
-        "denied_total": network["denied"],
+        "denied_total": network["denied"].as_u64().unwrap_or(0) + f.refusals.len() as u64,
+        "objects": f.objects,
     });
 
     let text = |v: &Value| match v {
@@ -188,6 +195,20 @@ pub fn render(
         ),
     );
     put("denials", denial_lines);
+    if let Some(Value::Object(classes)) = &f.objects {
+        for (class, held) in classes {
+            put(
+                &format!("objects/{class}"),
+                format!(
+                    "live {}\nbytes {}\nquota_objects {}\nquota_bytes {}\n",
+                    text(&held["live"]),
+                    text(&held["bytes"]),
+                    text(&held["quota_objects"]),
+                    text(&held["quota_bytes"])
+                ),
+            );
+        }
+    }
     put("json", format!("{all:#}"));
     files
 }
@@ -373,6 +394,8 @@ impl RunView {
                         state: "running".into(),
                         lease: None,
                         cgroup_dirs: &facts.cgroup_dirs,
+                        objects: None,
+                        refusals: Vec::new(),
                     };
                     let files = render(&f, &start_report, cgroup.usage(), &network);
                     if let Err(e) = writer.write_changed(&dir, &files) {
@@ -432,6 +455,8 @@ mod tests {
             state: "running".into(),
             lease: Some(("l1".into(), Some(42))),
             cgroup_dirs: &[],
+            objects: None,
+            refusals: Vec::new(),
         };
         let usage = Usage {
             memory_bytes: Some(400),

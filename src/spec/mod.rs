@@ -5,6 +5,7 @@
 //! parser does not know is an error, never ignored: a typo in a security policy must not
 //! silently widen or narrow it.
 
+pub mod quotas;
 mod units;
 mod values;
 
@@ -112,6 +113,8 @@ pub struct Policy {
     pub landlock_abi: u32,
     pub lifecycle: Lifecycle,
     pub workspace: WorkspacePolicy,
+    /// What the job may make the daemon hold (tool-call records, context segments).
+    pub quotas: quotas::Quotas,
 }
 
 /// Which workspace handles a job of this policy may get.
@@ -186,6 +189,8 @@ struct RawPolicy {
     lifecycle: RawLifecycle,
     #[serde(default)]
     workspace: RawWorkspace,
+    #[serde(default)]
+    quotas: quotas::RawQuotas,
 }
 
 #[derive(Deserialize, Default)]
@@ -640,6 +645,11 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         None => 1,
     };
 
+    let quotas = raw
+        .quotas
+        .parse()
+        .map_err(|(span, key, m)| err(Some(span), key, m))?;
+
     Ok(Policy {
         name,
         source: origin.to_owned(),
@@ -662,6 +672,7 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         landlock_abi,
         lifecycle,
         workspace,
+        quotas,
     })
 }
 

@@ -33,6 +33,76 @@ fn lease_cell(job: &JobInfo) -> String {
     }
 }
 
+/// `classes`: the daemon's objects by class, then per job (or the export policy).
+pub async fn classes(
+    client: &Client,
+    job: Option<&str>,
+    fields: bool,
+    json: bool,
+) -> Result<i32, Fail> {
+    let report: agentd::api::types::ClassesReport = client
+        .get(&with_query("/v1/classes", &[("job", job)]))
+        .await?;
+    if json {
+        emit_json(&report)?;
+        return Ok(0);
+    }
+    if fields {
+        let list = |v: &[String]| if v.is_empty() { "-".into() } else { v.join(",") };
+        let rows: Vec<Vec<String>> = report
+            .classes
+            .iter()
+            .map(|c| {
+                vec![
+                    c.name.clone(),
+                    list(&c.agent_fields),
+                    list(&c.operator_fields),
+                    list(&c.never_fields),
+                ]
+            })
+            .collect();
+        emit(&table(&["CLASS", "AGENT", "OPERATOR ONLY", "NEVER"], &rows))?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = report
+        .classes
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.live.to_string(),
+                bytes(c.bytes),
+                c.high_water_live.to_string(),
+                bytes(c.high_water_bytes),
+                c.allocs_total.to_string(),
+                format!("{:.1}", c.allocs_per_sec),
+            ]
+        })
+        .collect();
+    let mut text = table(
+        &["CLASS", "LIVE", "BYTES", "HIGH-LIVE", "HIGH-BYTES", "ALLOCS", "ALLOCS/S"],
+        &rows,
+    );
+    if !report.jobs.is_empty() {
+        let rows: Vec<Vec<String>> = report
+            .jobs
+            .iter()
+            .map(|j| {
+                vec![
+                    j.job.clone(),
+                    j.class.clone(),
+                    j.live.to_string(),
+                    bytes(j.bytes),
+                ]
+            })
+            .collect();
+        text.push('\n');
+        text.push_str(&table(&["JOB", "CLASS", "LIVE", "BYTES"], &rows));
+    }
+    emit(&text)?;
+    Ok(0)
+}
+
 /// `ps`: the jobs that have not ended (or all), oldest first.
 pub async fn ps(client: &Client, all: bool, json: bool) -> Result<i32, Fail> {
     let mut jobs: Vec<JobInfo> = client.get("/v1/jobs").await?;

@@ -162,6 +162,19 @@ enum Command {
         #[arg(long, conflicts_with = "commit")]
         publish: bool,
     },
+    /// The daemon's runtime objects by class, like /proc/slabinfo: NAME LIVE BYTES
+    /// HIGH-WATER ALLOCS/S, then what each job holds (--job: one job). --fields prints
+    /// each class's export policy instead: which fields an agent may see of its own
+    /// objects, which only the operator, which never leave the daemon.
+    #[command(after_help = "Examples:\n  agentctl classes\n  agentctl classes --job 0f8f76bd9dcb\n  agentctl classes --fields")]
+    Classes {
+        /// Only this job's holdings.
+        #[arg(long)]
+        job: Option<String>,
+        /// Print the export policy of each class's fields.
+        #[arg(long)]
+        fields: bool,
+    },
     /// Published snapshots: list, show, remove.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -294,6 +307,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
     match command {
         Command::Run(args) => run::run(client, *args, json).await,
         Command::Ps { all } => c::ps(client, all, json).await,
+        Command::Classes { job, fields } => c::classes(client, job.as_deref(), fields, json).await,
         Command::Inspect { job } => c::inspect(client, &job, json).await,
         Command::Logs {
             job,
