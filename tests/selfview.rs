@@ -87,7 +87,7 @@ sleep 30
     // The fixed set of entries: the job's own state, nothing else.
     assert_eq!(
         field("entries").trim(),
-        "denials grants identity json lease limits pressure sched state usage",
+        "denials grants identity json lease limits objects pressure sched state usage",
         "{log}"
     );
     let all: Value = serde_json::from_str(&std::fs::read_to_string(ws.join("json.out")).unwrap())

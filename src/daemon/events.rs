@@ -3,8 +3,8 @@
 //! behind is told how many events it missed, never blocks the daemon.
 
 use crate::api::types::{Event, EventKind};
-use std::collections::VecDeque;
 use crate::telemetry::classes::{Accounting, Class};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
@@ -93,8 +93,7 @@ impl EventBus {
         if ring.events.len() == RING
             && let Some(old) = ring.events.pop_front()
         {
-            self.classes
-                .sub_global(Class::Event, 1, event_bytes(&old));
+            self.classes.sub_global(Class::Event, 1, event_bytes(&old));
         }
         self.classes
             .add_global(Class::Event, 1, event_bytes(&event));

@@ -220,9 +220,7 @@ async fn tool_calls(State((d, id)): JobState) -> Result<axum::Json<serde_json::V
 
 type NamedState = axum::extract::Path<String>;
 
-async fn context_list(
-    State((d, id)): JobState,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn context_list(State((d, id)): JobState) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let jobs = d.jobs.lock().expect("jobs lock");
     let e = jobs
         .get(&id)

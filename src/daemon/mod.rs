@@ -190,7 +190,11 @@ fn descriptor_bytes(info: &JobInfo, runtime: &JobRuntime) -> u64 {
         + runtime.rundir.len()
         + runtime.jobdir.len()
         + runtime.report.as_ref().map_or(0, String::len)
-        + runtime.cgroup_dirs.iter().map(|c| c.len() + 24).sum::<usize>();
+        + runtime
+            .cgroup_dirs
+            .iter()
+            .map(|c| c.len() + 24)
+            .sum::<usize>();
     (std::mem::size_of::<JobEntry>() + strings) as u64
 }
 

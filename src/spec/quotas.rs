@@ -43,13 +43,15 @@ pub(super) struct RawQuotas {
 
 impl RawQuotas {
     /// Validates; an error is (span, key, message).
-    pub(super) fn parse(
-        &self,
-    ) -> Result<Quotas, (std::ops::Range<usize>, &'static str, String)> {
+    pub(super) fn parse(&self) -> Result<Quotas, (std::ops::Range<usize>, &'static str, String)> {
         let mut q = Quotas::default();
         let count = |key: &'static str, v: &Spanned<i64>| match *v.get_ref() {
             n if (1..=1_000_000).contains(&n) => Ok(n as u64),
-            n => Err((v.span(), key, format!("expected 1 to 1000000 objects, got {n}"))),
+            n => Err((
+                v.span(),
+                key,
+                format!("expected 1 to 1000000 objects, got {n}"),
+            )),
         };
         let size = |key: &'static str, v: &Spanned<UnitValue>| {
             let bytes = match v.get_ref() {

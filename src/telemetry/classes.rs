@@ -360,7 +360,10 @@ impl Accounting {
     ) -> Result<(), QuotaExceeded> {
         if let Some(job) = job {
             let mut per_job = self.per_job.lock().expect("class accounting lock");
-            let held = per_job.get(job).map(|c| c[class as usize]).unwrap_or_default();
+            let held = per_job
+                .get(job)
+                .map(|c| c[class as usize])
+                .unwrap_or_default();
             for (bound, limit, held, asked) in [
                 ("objects", quota.objects, held.live, live),
                 ("bytes", quota.bytes, held.bytes, bytes),

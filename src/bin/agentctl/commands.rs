@@ -48,7 +48,13 @@ pub async fn classes(
         return Ok(0);
     }
     if fields {
-        let list = |v: &[String]| if v.is_empty() { "-".into() } else { v.join(",") };
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(",")
+            }
+        };
         let rows: Vec<Vec<String>> = report
             .classes
             .iter()
@@ -80,7 +86,15 @@ pub async fn classes(
         })
         .collect();
     let mut text = table(
-        &["CLASS", "LIVE", "BYTES", "HIGH-LIVE", "HIGH-BYTES", "ALLOCS", "ALLOCS/S"],
+        &[
+            "CLASS",
+            "LIVE",
+            "BYTES",
+            "HIGH-LIVE",
+            "HIGH-BYTES",
+            "ALLOCS",
+            "ALLOCS/S",
+        ],
         &rows,
     );
     if !report.jobs.is_empty() {

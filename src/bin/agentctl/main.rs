@@ -166,7 +166,9 @@ enum Command {
     /// HIGH-WATER ALLOCS/S, then what each job holds (--job: one job). --fields prints
     /// each class's export policy instead: which fields an agent may see of its own
     /// objects, which only the operator, which never leave the daemon.
-    #[command(after_help = "Examples:\n  agentctl classes\n  agentctl classes --job 0f8f76bd9dcb\n  agentctl classes --fields")]
+    #[command(
+        after_help = "Examples:\n  agentctl classes\n  agentctl classes --job 0f8f76bd9dcb\n  agentctl classes --fields"
+    )]
     Classes {
         /// Only this job's holdings.
         #[arg(long)]

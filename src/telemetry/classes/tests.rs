@@ -29,8 +29,17 @@ fn charges_are_counted_per_class_and_job_and_returned_on_drop() {
         .charge(Class::ToolCall, Some("j2"), 1, 50, Quota::default())
         .unwrap();
     b.grow(1, 10, Quota::default()).unwrap();
-    assert_eq!(acct.held("j1", Class::ToolCall), JobCounters { live: 2, bytes: 100 });
-    assert_eq!(acct.held("j2", Class::ToolCall), JobCounters { live: 2, bytes: 60 });
+    assert_eq!(
+        acct.held("j1", Class::ToolCall),
+        JobCounters {
+            live: 2,
+            bytes: 100
+        }
+    );
+    assert_eq!(
+        acct.held("j2", Class::ToolCall),
+        JobCounters { live: 2, bytes: 60 }
+    );
     let (classes, jobs) = acct.stats(None);
     let tc = classes.iter().find(|c| c.name == "tool_call").unwrap();
     assert_eq!((tc.live, tc.bytes, tc.allocs_total), (4, 160, 4));
@@ -52,16 +61,35 @@ fn a_charge_past_the_quota_is_refused_and_takes_nothing() {
         objects: Some(2),
         bytes: Some(1000),
     };
-    let mut c = acct.charge(Class::ContextSegment, Some("j"), 1, 600, q).unwrap();
+    let mut c = acct
+        .charge(Class::ContextSegment, Some("j"), 1, 600, q)
+        .unwrap();
     let err = c.grow(1, 500, q).unwrap_err();
-    assert_eq!((err.bound, err.limit, err.held, err.asked), ("bytes", 1000, 600, 500));
-    assert!(err.to_string().contains("holds 600 bytes of context_segment"), "{err}");
+    assert_eq!(
+        (err.bound, err.limit, err.held, err.asked),
+        ("bytes", 1000, 600, 500)
+    );
+    assert!(
+        err.to_string()
+            .contains("holds 600 bytes of context_segment"),
+        "{err}"
+    );
     c.grow(1, 400, q).unwrap();
-    let err = acct.charge(Class::ContextSegment, Some("j"), 1, 0, q).unwrap_err();
+    let err = acct
+        .charge(Class::ContextSegment, Some("j"), 1, 0, q)
+        .unwrap_err();
     assert_eq!(err.bound, "objects");
-    assert_eq!(acct.held("j", Class::ContextSegment), JobCounters { live: 2, bytes: 1000 });
+    assert_eq!(
+        acct.held("j", Class::ContextSegment),
+        JobCounters {
+            live: 2,
+            bytes: 1000
+        }
+    );
     // Another job has its own quota.
-    let _other = acct.charge(Class::ContextSegment, Some("k"), 1, 900, q).unwrap();
+    let _other = acct
+        .charge(Class::ContextSegment, Some("k"), 1, 900, q)
+        .unwrap();
 }
 
 #[test]
