@@ -205,8 +205,8 @@ fn a_job_over_its_quota_is_refused_and_the_daemon_memory_stays_flat() {
     let policy = default_policy_with(
         &d,
         "small",
-        "[limits]",
-        "[quotas]\ncontext_bytes = \"1M\"\ncontext_segments = 8\ntool_calls = 3\n\n[limits]",
+        "tool_calls = 10000\ntool_call_bytes = \"16M\"\ncontext_segments = 1024\ncontext_bytes = \"64M\"",
+        "tool_calls = 3\ntool_call_bytes = \"16M\"\ncontext_segments = 8\ncontext_bytes = \"1M\"",
     );
     let script = python_job(
         r#"

@@ -793,6 +793,38 @@ mod tests {
     }
 
     #[test]
+    fn quotas_parse_and_bad_ones_name_line_and_key() {
+        let p = parse("[quotas]\ntool_calls = 5\ncontext_bytes = \"2M\"\n").unwrap();
+        assert_eq!(p.quotas.tool_calls.objects, Some(5));
+        assert_eq!(p.quotas.tool_calls.bytes, Some(16 << 20), "the default");
+        assert_eq!(p.quotas.context.bytes, Some(2 << 20));
+        assert_eq!(parse("").unwrap().quotas, quotas::Quotas::default());
+        for (text, key, line) in [
+            ("[quotas]\ntool_calls = 0\n", "quotas.tool_calls", 2),
+            (
+                "[quotas]\n\ncontext_bytes = \"2T\"\n",
+                "quotas.context_bytes",
+                3,
+            ),
+            (
+                "[quotas]\ncontext_segments = -1\n",
+                "quotas.context_segments",
+                2,
+            ),
+            (
+                "[quotas]\ntool_call_bytes = \"lots\"\n",
+                "quotas.tool_call_bytes",
+                2,
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!((e.key.as_str(), e.line), (key, Some(line)), "{e}");
+        }
+        let e = parse("[quotas]\nregions = 3\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
     fn unknown_key_names_line_and_key() {
         let e = parse("[limits]\ncpu = 1\nmemroy = \"1G\"\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
