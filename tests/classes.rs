@@ -328,13 +328,21 @@ time.sleep(60)
     d.ctl_ok(&["kill", "--signal", "KILL", &id]);
     d.wait_ended(&id);
     let classes = d.get(&format!("/v1/classes?job={id}")).json();
-    assert!(
-        !classes["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|j| j["class"] == "context_segment"),
-        "{classes}"
+    let segments = classes["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["class"] == "context_segment")
+        .cloned()
+        .unwrap_or_else(|| panic!("{classes}"));
+    assert_eq!(
+        (segments["live"].as_u64(), segments["bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{segments}"
+    );
+    assert_eq!(
+        segments["allocs_total"], 4,
+        "a replacement is the same object: {segments}"
     );
 }
 

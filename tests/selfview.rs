@@ -242,3 +242,66 @@ touch /run/agentd/self/x 2>/dev/null || echo read-only
         .unwrap_or_default();
     assert!(left.is_empty(), "views left behind: {left:?}");
 }
+
+/// A follower that stops reading is told how many events it missed when it reads again;
+/// meanwhile the daemon answers everyone else (it never waits for a follower).
+#[test]
+fn a_slow_event_follower_is_told_how_many_it_missed_and_the_daemon_goes_on() {
+    use std::io::{Read, Write};
+    let d = TestDaemon::start(&[]);
+    let mut follower = std::os::unix::net::UnixStream::connect(d.sock()).unwrap();
+    follower
+        .write_all(&common::daemon::build_request(
+            "GET",
+            "/v1/events?follow=true",
+            None,
+        ))
+        .unwrap();
+    // It reads nothing while the daemon makes 4,000 events (each lease taken and
+    // released): more than its socket buffer and its queue (1,024) hold.
+    let take = || -> String {
+        let r = d.post("/v1/leases", r#"{"ttl": "60s"}"#);
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_owned()
+    };
+    for _ in 0..2000 {
+        let id = take();
+        let r = d.request("POST", &format!("/v1/leases/{id}/release"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Now it reads: what it had, then one `lagged` line with the count, then live ones.
+    follower
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 65536];
+    let text = |seen: &[u8]| String::from_utf8_lossy(seen).into_owned();
+    while !text(&seen).contains(r#""kind":"lagged""#) {
+        let n = follower.read(&mut buf).expect("the follower's stream");
+        assert!(n > 0, "the stream ended before a lagged line");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let all = text(&seen);
+    let at = all.find(r#""kind":"lagged""#).unwrap();
+    let line = &all[all[..at].rfind('{').unwrap()..];
+    let line = &line[..line.find('}').unwrap() + 1];
+    let lagged: serde_json::Value = serde_json::from_str(line).unwrap();
+    let missed: u64 = lagged["detail"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{lagged}"));
+    assert!(missed > 0 && missed < 4000, "{lagged}");
+    // The stream is live again after the gap: a new event reaches it.
+    let last = take();
+    while !text(&seen).contains(&last) {
+        let n = follower.read(&mut buf).expect("the follower's stream");
+        assert!(n > 0, "the stream ended");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let r = d.request("POST", &format!("/v1/leases/{last}/release"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+}

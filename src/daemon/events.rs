@@ -3,7 +3,7 @@
 //! behind is told how many events it missed, never blocks the daemon.
 
 use crate::api::types::{Event, EventKind};
-use crate::telemetry::classes::{Accounting, Class};
+use crate::telemetry::classes::{Accounting, Class, JobCounters};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
@@ -21,6 +21,8 @@ pub struct EventBus {
 struct Ring {
     next_seq: u64,
     events: VecDeque<Event>,
+    /// The `event` class's counters, kept here under the ring's lock and published.
+    counters: JobCounters,
 }
 
 impl Default for EventBus {
@@ -48,6 +50,7 @@ impl EventBus {
             inner: Mutex::new(Ring {
                 next_seq: 1,
                 events: VecDeque::with_capacity(RING),
+                counters: JobCounters::default(),
             }),
             tx: broadcast::channel(1024).0,
         }
@@ -93,10 +96,16 @@ impl EventBus {
         if ring.events.len() == RING
             && let Some(old) = ring.events.pop_front()
         {
-            self.classes.sub_global(Class::Event, 1, event_bytes(&old));
+            ring.counters.live -= 1;
+            ring.counters.bytes -= event_bytes(&old);
         }
-        self.classes
-            .add_global(Class::Event, 1, event_bytes(&event));
+        let c = &mut ring.counters;
+        c.live += 1;
+        c.bytes += event_bytes(&event);
+        c.allocs += 1;
+        c.high_live = c.high_live.max(c.live);
+        c.high_bytes = c.high_bytes.max(c.bytes);
+        self.classes.publish(Class::Event, *c);
         ring.events.push_back(event.clone());
         // Sent under the lock so followers see events in seq order.
         let _ = self.tx.send(event);

@@ -260,6 +260,15 @@ struct Counters {
 pub struct JobCounters {
     pub live: u64,
     pub bytes: u64,
+    pub high_live: u64,
+    pub high_bytes: u64,
+    pub allocs: u64,
+}
+
+/// One job's counters, per class, since it was first charged.
+struct JobTable {
+    since: Instant,
+    classes: [JobCounters; CLASSES],
 }
 
 /// The daemon's accounting: global counters are atomics (events are charged on every
@@ -267,7 +276,7 @@ pub struct JobCounters {
 /// classes a job owns.
 pub struct Accounting {
     global: [Counters; CLASSES],
-    per_job: Mutex<HashMap<Arc<str>, [JobCounters; CLASSES]>>,
+    per_job: Mutex<HashMap<Arc<str>, JobTable>>,
     /// (when, allocations so far per class): the last `RATE_WINDOW` samples.
     samples: Mutex<VecDeque<(Instant, [u64; CLASSES])>>,
 }
@@ -310,6 +319,11 @@ pub struct JobClassStats {
     pub class: String,
     pub live: u64,
     pub bytes: u64,
+    pub high_water_live: u64,
+    pub high_water_bytes: u64,
+    pub allocs_total: u64,
+    /// Over the time the daemon has held the job.
+    pub allocs_per_sec: f64,
 }
 
 impl Accounting {
@@ -334,7 +348,18 @@ impl Accounting {
         })
     }
 
-    /// Adds to the counters without a `Charge` (the event ring returns what it evicts).
+    /// Sets a class's counters from an owner that keeps them itself under its own lock
+    /// (the event ring: plain stores there cost less than atomic adds on every emit).
+    pub fn publish(&self, class: Class, now: JobCounters) {
+        let c = &self.global[class as usize];
+        c.live.store(now.live, Relaxed);
+        c.bytes.store(now.bytes, Relaxed);
+        c.high_live.store(now.high_live, Relaxed);
+        c.high_bytes.store(now.high_bytes, Relaxed);
+        c.allocs.store(now.allocs, Relaxed);
+    }
+
+    /// Adds to the counters without a `Charge`.
     pub fn add_global(&self, class: Class, live: u64, bytes: u64) {
         let c = &self.global[class as usize];
         let now_live = c.live.fetch_add(live, Relaxed) + live;
@@ -362,7 +387,7 @@ impl Accounting {
             let mut per_job = self.per_job.lock().expect("class accounting lock");
             let held = per_job
                 .get(job)
-                .map(|c| c[class as usize])
+                .map(|t| t.classes[class as usize])
                 .unwrap_or_default();
             for (bound, limit, held, asked) in [
                 ("objects", quota.objects, held.live, live),
@@ -382,9 +407,16 @@ impl Accounting {
                     });
                 }
             }
-            let slot = &mut per_job.entry(job.clone()).or_default()[class as usize];
+            let table = per_job.entry(job.clone()).or_insert_with(|| JobTable {
+                since: Instant::now(),
+                classes: Default::default(),
+            });
+            let slot = &mut table.classes[class as usize];
             slot.live += live;
             slot.bytes += bytes;
+            slot.high_live = slot.high_live.max(slot.live);
+            slot.high_bytes = slot.high_bytes.max(slot.bytes);
+            slot.allocs += live;
         }
         self.add_global(class, live, bytes);
         Ok(())
@@ -393,12 +425,13 @@ impl Accounting {
     fn sub(&self, class: Class, job: Option<&Arc<str>>, live: u64, bytes: u64) {
         if let Some(job) = job {
             let mut per_job = self.per_job.lock().expect("class accounting lock");
-            if let Some(all) = per_job.get_mut(job) {
-                let slot = &mut all[class as usize];
+            if let Some(table) = per_job.get_mut(job) {
+                let slot = &mut table.classes[class as usize];
                 slot.live = slot.live.saturating_sub(live);
                 slot.bytes = slot.bytes.saturating_sub(bytes);
-                // A job that holds nothing any more leaves the table.
-                if all.iter().all(|c| c.live == 0 && c.bytes == 0) {
+                // A job that holds nothing any more leaves the table (while the daemon
+                // holds a job its descriptor is charged, so that is when it is gone).
+                if table.classes.iter().all(|c| c.live == 0 && c.bytes == 0) {
                     per_job.remove(job);
                 }
             }
@@ -412,7 +445,7 @@ impl Accounting {
             .lock()
             .expect("class accounting lock")
             .get(job)
-            .map(|c| c[class as usize])
+            .map(|t| t.classes[class as usize])
             .unwrap_or_default()
     }
 
@@ -470,14 +503,19 @@ impl Accounting {
         let mut jobs: Vec<JobClassStats> = per_job
             .iter()
             .filter(|(id, _)| job.is_none_or(|j| j == &***id))
-            .flat_map(|(id, all)| {
+            .flat_map(|(id, table)| {
+                let secs = table.since.elapsed().as_secs_f64().max(1.0);
                 ALL.iter().filter_map(move |&class| {
-                    let c = all[class as usize];
-                    (c.live > 0 || c.bytes > 0).then(|| JobClassStats {
+                    let c = table.classes[class as usize];
+                    (c.allocs > 0 || c.bytes > 0).then(|| JobClassStats {
                         job: id.to_string(),
                         class: class.name().into(),
                         live: c.live,
                         bytes: c.bytes,
+                        high_water_live: c.high_live,
+                        high_water_bytes: c.high_bytes,
+                        allocs_total: c.allocs,
+                        allocs_per_sec: (c.allocs as f64 / secs * 10.0).round() / 10.0,
                     })
                 })
             })

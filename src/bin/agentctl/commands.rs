@@ -107,11 +107,27 @@ pub async fn classes(
                     j.class.clone(),
                     j.live.to_string(),
                     bytes(j.bytes),
+                    j.high_water_live.to_string(),
+                    bytes(j.high_water_bytes),
+                    j.allocs_total.to_string(),
+                    format!("{:.1}", j.allocs_per_sec),
                 ]
             })
             .collect();
         text.push('\n');
-        text.push_str(&table(&["JOB", "CLASS", "LIVE", "BYTES"], &rows));
+        text.push_str(&table(
+            &[
+                "JOB",
+                "CLASS",
+                "LIVE",
+                "BYTES",
+                "HIGH-LIVE",
+                "HIGH-BYTES",
+                "ALLOCS",
+                "ALLOCS/S",
+            ],
+            &rows,
+        ));
     }
     emit(&text)?;
     Ok(0)

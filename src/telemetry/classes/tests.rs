@@ -29,17 +29,12 @@ fn charges_are_counted_per_class_and_job_and_returned_on_drop() {
         .charge(Class::ToolCall, Some("j2"), 1, 50, Quota::default())
         .unwrap();
     b.grow(1, 10, Quota::default()).unwrap();
-    assert_eq!(
-        acct.held("j1", Class::ToolCall),
-        JobCounters {
-            live: 2,
-            bytes: 100
-        }
-    );
-    assert_eq!(
-        acct.held("j2", Class::ToolCall),
-        JobCounters { live: 2, bytes: 60 }
-    );
+    let held = |j: &str| {
+        let c = acct.held(j, Class::ToolCall);
+        (c.live, c.bytes, c.high_live, c.allocs)
+    };
+    assert_eq!(held("j1"), (2, 100, 2, 2));
+    assert_eq!(held("j2"), (2, 60, 2, 2));
     let (classes, jobs) = acct.stats(None);
     let tc = classes.iter().find(|c| c.name == "tool_call").unwrap();
     assert_eq!((tc.live, tc.bytes, tc.allocs_total), (4, 160, 4));
@@ -79,13 +74,8 @@ fn a_charge_past_the_quota_is_refused_and_takes_nothing() {
         .charge(Class::ContextSegment, Some("j"), 1, 0, q)
         .unwrap_err();
     assert_eq!(err.bound, "objects");
-    assert_eq!(
-        acct.held("j", Class::ContextSegment),
-        JobCounters {
-            live: 2,
-            bytes: 1000
-        }
-    );
+    let held = acct.held("j", Class::ContextSegment);
+    assert_eq!((held.live, held.bytes, held.high_bytes), (2, 1000, 1000));
     // Another job has its own quota.
     let _other = acct
         .charge(Class::ContextSegment, Some("k"), 1, 900, q)
