@@ -15,6 +15,7 @@ pub mod job;
 pub mod mount_api;
 pub mod net;
 pub mod sandbox;
+pub mod sched;
 pub mod spec;
 pub mod store;
 pub mod telemetry;
