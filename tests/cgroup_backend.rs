@@ -29,6 +29,7 @@ fn limits_freeze_thaw_kill_and_removal() {
         cpu: Some(0.25),
         memory: Some(64 << 20),
         pids: Some(10),
+        ..Default::default()
     };
     let mut cg =
         create_job_cgroup(&host, operator_parent().as_deref(), &name, &limits, &[]).unwrap();

@@ -241,6 +241,7 @@ fn routes(d: Arc<Daemon>) -> Router {
         .route("/v1/leases/{id}/renew", post(renew_lease))
         .route("/v1/leases/{id}/release", post(release_lease))
         .route("/v1/classes", get(classes))
+        .route("/v1/sched", get(sched))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::not_found("no such endpoint (see README, \"Control API\")")
@@ -702,6 +703,10 @@ async fn release_lease(
     to_the_end(async move { leases::release(&d, who, &id).await })
         .await
         .map(axum::Json)
+}
+
+async fn sched(State(d): State<Arc<Daemon>>) -> axum::Json<serde_json::Value> {
+    axum::Json(crate::daemon::sched::view(&d))
 }
 
 #[derive(serde::Deserialize)]

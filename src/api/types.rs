@@ -71,6 +71,14 @@ pub struct SubmitRequest {
     /// Private, loopback and link-local destinations too (root only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_private: bool,
+    /// The scheduling class and its parameters, within the policy's `[sched]`:
+    /// `{"class": "fair"|"deadline"|"rt"|"idle", "weight", "slice", "runtime",
+    /// "deadline", "period", "priority"}` (durations as "3ms").
+    #[serde(
+        default,
+        skip_serializing_if = "crate::spec::sched::SchedRequest::is_empty"
+    )]
+    pub sched: crate::spec::sched::SchedRequest,
 }
 
 /// A job's lifecycle state. Transitions (one place: `daemon::lifecycle`):

@@ -116,6 +116,11 @@ struct ServeArgs {
         value_name = "N"
     )]
     keep_ended: usize,
+    /// CPUs the supervisor hands to jobs; the rest stays with the control plane and the
+    /// host. Deadline jobs are admitted while their runtime/period sum stays within it.
+    /// Default: 95% of the host's CPUs.
+    #[arg(long, env = "AGENTD_CPU_BUDGET", value_name = "CPUS", value_parser = parse_cpu_budget)]
+    cpu_budget: Option<f64>,
 }
 
 #[derive(Args)]
@@ -172,6 +177,8 @@ struct RunArgs {
     /// default, after resolving, so a name cannot smuggle them in).
     #[arg(long = "allow-private")]
     allow_private: bool,
+    #[command(flatten)]
+    sched: agentd::spec::sched::SchedRequest,
     /// Where runtime files go (one directory per job, removed when it ends).
     #[arg(
         long,
@@ -242,6 +249,7 @@ fn main() {
                 net: a.net,
                 allow_domain: a.allow_domain,
                 allow_private: a.allow_private,
+                sched: a.sched,
             }
         }),
         Command::Serve(a) => agentd::daemon::serve(agentd::daemon::ServeOptions {
@@ -254,6 +262,7 @@ fn main() {
             max_connections: a.max_connections.max(1),
             spawners: a.spawners.clamp(1, 64),
             keep_ended: a.keep_ended,
+            cpu_budget: a.cpu_budget,
         }),
         Command::Spawner => agentd::daemon::spawner::spawner_main(),
         Command::Check {
@@ -283,4 +292,13 @@ fn check(json: bool, cgroup_parent: Option<&str>) -> i32 {
         }
     }
     0
+}
+
+fn parse_cpu_budget(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if (0.01..=4096.0).contains(&c) => Ok(c),
+        _ => Err(format!(
+            "expected a number of CPUs like 3.5 (0.01 to 4096), got \"{s}\""
+        )),
+    }
 }

@@ -23,6 +23,8 @@ pub struct CgroupLimits {
     pub cpu: Option<f64>,
     pub memory: Option<u64>,
     pub pids: Option<u64>,
+    /// The scheduling class's share of the CPU controller (sched::kernel).
+    pub sched: crate::sched::kernel::CgroupSched,
 }
 
 /// What the kernel accounted for the job, read just before the cgroup is removed.
@@ -115,7 +117,7 @@ pub trait JobCgroup: Send + Sync {
 /// limit asks for them. Accounting files are read wherever they exist.
 pub fn required_controllers(limits: &CgroupLimits) -> Vec<&'static str> {
     let mut needed = Vec::new();
-    if limits.cpu.is_some() {
+    if limits.cpu.is_some() || !limits.sched.is_empty() {
         needed.push("cpu");
     }
     if limits.memory.is_some() {

@@ -139,10 +139,18 @@ impl CgroupV1 {
     }
 
     fn apply(&mut self, limits: &CgroupLimits) -> Result<(), CgroupError> {
-        if let Some(cpu) = limits.cpu {
-            let quota = ((cpu * CPU_PERIOD_USEC as f64) as u64).max(1000);
-            self.set("cpu", "cpu.cfs_period_us", CPU_PERIOD_USEC.to_string())?;
+        let cpu_limit = limits.cpu.map(|cpu| {
+            (
+                ((cpu * CPU_PERIOD_USEC as f64) as u64).max(1000),
+                CPU_PERIOD_USEC,
+            )
+        });
+        if let Some((quota, period)) = limits.sched.cpu_max(cpu_limit) {
+            self.set("cpu", "cpu.cfs_period_us", period.to_string())?;
             self.set("cpu", "cpu.cfs_quota_us", quota.to_string())?;
+        }
+        if let Some(shares) = limits.sched.cpu_shares() {
+            self.set("cpu", "cpu.shares", shares.to_string())?;
         }
         if let Some(mem) = limits.memory {
             self.set("memory", "memory.limit_in_bytes", mem.to_string())?;

@@ -110,9 +110,19 @@ impl CgroupV2 {
     }
 
     fn apply(&mut self, limits: &CgroupLimits) -> Result<(), CgroupError> {
-        if let Some(cpu) = limits.cpu {
-            let quota = ((cpu * CPU_PERIOD_USEC as f64) as u64).max(1000);
-            self.set("cpu.max", format!("{quota} {CPU_PERIOD_USEC}"))?;
+        let cpu_limit = limits.cpu.map(|cpu| {
+            (
+                ((cpu * CPU_PERIOD_USEC as f64) as u64).max(1000),
+                CPU_PERIOD_USEC,
+            )
+        });
+        if let Some((quota, period)) = limits.sched.cpu_max(cpu_limit) {
+            self.set("cpu.max", format!("{quota} {period}"))?;
+        }
+        if limits.sched.idle && self.dir.join("cpu.idle").exists() {
+            self.set("cpu.idle", "1".into())?;
+        } else if let Some(w) = limits.sched.cpu_weight() {
+            self.set("cpu.weight", w.to_string())?;
         }
         if let Some(mem) = limits.memory {
             self.set("memory.max", mem.to_string())?;

@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod recovery;
 pub mod review;
+pub mod sched;
 pub mod selfview;
 pub mod snapshots;
 pub mod spawner;
@@ -52,6 +53,9 @@ pub struct ServeOptions {
     pub spawners: usize,
     /// Ended jobs kept in memory; older ones are read from the store.
     pub keep_ended: usize,
+    /// CPUs the supervisor hands to jobs (deadline bandwidth is admitted within it);
+    /// None: 95% of the host's.
+    pub cpu_budget: Option<f64>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -102,6 +106,9 @@ pub struct JobRuntime {
     /// What the job may make the daemon hold (its policy's `[quotas]`).
     #[serde(default)]
     pub quotas: crate::spec::quotas::Quotas,
+    /// Its scheduling class and parameters (admitted again after a restart).
+    #[serde(default)]
+    pub sched: Option<crate::sched::SchedParams>,
 }
 
 /// One job as the daemon holds it.
@@ -231,6 +238,8 @@ pub struct Daemon {
     pub selfviews: selfview::SelfViews,
     /// The runtime objects the daemon holds, by class and job (`agentctl classes`).
     pub classes: Arc<Accounting>,
+    /// The jobs' scheduling classes: admission, queues (`agentctl sched`).
+    pub sched: Mutex<crate::sched::Runqueue>,
 }
 
 impl Daemon {
@@ -399,7 +408,11 @@ pub fn serve(opts: ServeOptions) -> i32 {
         }
     };
     let classes = Arc::new(Accounting::default());
+    let cpu_budget = opts.cpu_budget.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64) * 0.95
+    });
     let daemon = Arc::new(Daemon {
+        sched: sched::new_runqueue(cpu_budget),
         opts,
         store,
         events: events::EventBus::with_accounting(classes.clone()),

@@ -126,6 +126,9 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
         {
             tracing::warn!(job = %id, "job {id}: cannot serve its proxy again: {e}");
         }
+        if let Some(params) = runtime.sched {
+            super::sched::started(d, id, params);
+        }
         super::selfview::open(d, id);
         super::selfview::refresh_soon(d, id);
         tokio::spawn(watch::watch(d.clone(), id.to_owned(), pidfd, false, None));

@@ -283,6 +283,7 @@ fn spawn_job(req: &SpawnRequest) -> Result<SpawnedJob, String> {
         job_uid: plan.ids.host_uid,
         job_gid: plan.ids.host_gid,
         quotas: plan.policy.quotas,
+        sched: Some(plan.sched),
     };
     Ok(SpawnedJob {
         pid,

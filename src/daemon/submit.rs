@@ -91,6 +91,7 @@ pub async fn submit(
         net: req.net.clone(),
         allow_domain: req.allow_domain.clone(),
         allow_private: req.allow_private,
+        sched: req.sched.clone(),
     };
     let spawn_options = options.clone();
     let t_validate = Instant::now();
@@ -132,6 +133,16 @@ pub async fn submit(
     let validate_us = t_validate.elapsed().as_micros();
     // Published: the job exists from here on, in the store and in the table.
     let id = job::new_job_id();
+    // Its class's admission: a deadline job reserves its bandwidth or is refused with
+    // the numbers.
+    let sched_params = plan.sched;
+    let admission = match super::sched::admit(d, &id, sched_params) {
+        Ok(what) => what,
+        Err(why) => {
+            deny(d, &requester, "job.submit", None, "sched.admission", &why).await;
+            return Err(ApiError::conflict(why));
+        }
+    };
     let mut requester = requester;
     requester.agent = None;
     let info = JobInfo {
@@ -205,7 +216,7 @@ pub async fn submit(
             daemon_op(
                 "job.admit",
                 &id,
-                "no scheduling class limits admission: admitted at once",
+                admission.as_str(),
                 serde_json::json!({"job": id, "state": {"before": "submitted", "after": "admitted"}}),
                 format!("agentctl kill {id}"),
             ),
@@ -239,6 +250,7 @@ pub async fn submit(
         }
     };
     if let Some(why) = unique_conflict {
+        super::sched::release(d, &id);
         deny(d, &requester, "job.submit", None, "workspace.unique", &why).await;
         return Err(ApiError::conflict(why));
     }
@@ -249,6 +261,7 @@ pub async fn submit(
         t_commit.elapsed().as_micros()
     );
     if let Err(e) = commit {
+        super::sched::release(d, &id);
         d.jobs.lock().expect("jobs lock").remove(&id);
         if let Some(source) = &review_source {
             super::review::release(d, source, &id);
@@ -442,6 +455,9 @@ async fn start(
                 e.info.started_ms = Some(now_ms());
                 e.info.cgroup = e.runtime.cgroup_dirs.clone();
                 e.recharge();
+                if let Some(params) = e.runtime.sched {
+                    super::sched::started(d, id, params);
+                }
                 e.cgroup = Some(Arc::new(Mutex::new(s.cgroup)));
                 e.pidfd = Some(pidfd.clone());
                 e.state_tx.send_replace(JobState::Running);
@@ -505,6 +521,7 @@ async fn start(
         }
         Err(reason) => {
             d.metrics.spawn_failed();
+            super::sched::release(d, id);
             let (info, record) = {
                 let mut jobs = d.jobs.lock().expect("jobs lock");
                 let e = jobs.get_mut(id).expect("job entry exists while starting");

@@ -273,6 +273,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         e.info.report = None;
         // Its context segments went with it (they live while the job runs).
         e.context.clear();
+        super::sched::release(d, id);
         e.recharge();
     }
     jobs::prune_ended(d);

@@ -23,7 +23,7 @@ pub mod supervise;
 pub use plan::RunOptions;
 
 use crate::Error;
-use crate::cgroup::{self, CgroupLimits};
+use crate::cgroup;
 use crate::workspace::WorkspaceMode;
 use report::{CgroupReport, JobExit, JobReport};
 use std::path::{Path, PathBuf};
@@ -242,11 +242,7 @@ pub fn allocate(
     } else {
         None
     };
-    let limits = CgroupLimits {
-        cpu: plan.limits.cpu,
-        memory: plan.limits.memory,
-        pids: plan.limits.pids,
-    };
+    let limits = plan.cgroup_limits();
     let cgroup = cgroup::create_job_cgroup(
         &plan.host_cgroups,
         plan.options.cgroup_parent.as_deref(),

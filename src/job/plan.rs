@@ -55,6 +55,10 @@ pub struct RunOptions {
     /// `--allow-private`: private, loopback and link-local destinations too.
     #[serde(default)]
     pub allow_private: bool,
+    /// `--class`, `--weight`, `--slice`, `--runtime`, `--deadline`, `--period`,
+    /// `--priority`: changes to the policy's `[sched]`, within its bounds.
+    #[serde(default)]
+    pub sched: spec::sched::SchedRequest,
 }
 
 /// Where a daemon job finds its socket to the daemon.
@@ -96,6 +100,21 @@ pub struct JobPlan {
     pub sandbox: SandboxPlan,
     /// Where a review workspace's layers go (set by the daemon before allocate).
     pub review_layers: Option<crate::workspace::ReviewLayers>,
+    /// The job's scheduling class and parameters, and what they write to its cgroup.
+    pub sched: crate::sched::SchedParams,
+    pub sched_cgroup: crate::sched::kernel::CgroupSched,
+}
+
+impl JobPlan {
+    /// The job's cgroup limits: its own, and its class's share of the CPU controller.
+    pub fn cgroup_limits(&self) -> CgroupLimits {
+        CgroupLimits {
+            cpu: self.limits.cpu,
+            memory: self.limits.memory,
+            pids: self.limits.pids,
+            sched: self.sched_cgroup,
+        }
+    }
 }
 
 impl JobPlan {
@@ -249,10 +268,23 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
 
     let host_cgroups = HostCgroups::detect_cached()
         .map_err(|e| Error::Usage(format!("cannot find the host's cgroups: {e}")))?;
+    // The scheduling class: the policy's, with the request's changes.
+    let sched = spec::sched::resolve(&policy.sched, &policy.name, &options.sched).map_err(|m| {
+        let flag = m
+            .split(':')
+            .next()
+            .unwrap_or("--class")
+            .split(' ')
+            .next()
+            .unwrap_or("--class");
+        flag_err(flag, m.clone())
+    })?;
+    let sched_cgroup = crate::sched::kernel::CgroupSched::of(&sched, policy.sched.rt_cpus);
     let cg_limits = CgroupLimits {
         cpu: limits.cpu,
         memory: limits.memory,
         pids: limits.pids,
+        sched: sched_cgroup,
     };
     let usable = cgroup::usable_controllers(&host_cgroups, options.cgroup_parent.as_deref());
     let mut skip_controllers = Vec::new();
@@ -296,6 +328,8 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         egress,
         sandbox,
         review_layers: None,
+        sched,
+        sched_cgroup,
     })
 }
 

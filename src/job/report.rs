@@ -212,6 +212,8 @@ pub struct JobReport {
     /// How the job reached the network: its mode, grants, and (through the proxy)
     /// bytes per destination and the denials.
     pub network: crate::net::NetworkReport,
+    /// The scheduling class, its parameters, and its cgroup settings.
+    pub sched: serde_json::Value,
     pub enforced: Enforced,
 }
 
@@ -276,6 +278,7 @@ impl JobReport {
             usage: run.usage,
             signals_forwarded: run.outcome.forwarded.clone(),
             network: crate::net::NetworkReport::for_policy(&plan.egress),
+            sched: crate::sched::kernel::report(&plan.sched, &plan.sched_cgroup),
             enforced: Enforced {
                 namespaces: super::spawn::NAMESPACES
                     .iter()

@@ -37,6 +37,7 @@ pub fn compact_start_report(full: &Value) -> String {
     json!({
         "limits": full["limits"],
         "network": full["network"],
+        "sched": full["sched"],
         "enforced": {
             "filesystem": e["filesystem"],
             "landlock": {"tcp_bind": e["landlock"]["tcp_bind"],
@@ -112,6 +113,13 @@ pub fn render(
                 .collect()
         })
         .unwrap_or_default();
+    // The class and its parameters as the job's report has them ("fair" with the
+    // kernel's defaults for a report from before classes).
+    let mut sched = match &start_report["sched"] {
+        Value::Object(m) => Value::Object(m.clone()),
+        _ => json!({"class": "fair"}),
+    };
+    sched["cpu_max"] = json!(cpu_max);
     let u = usage;
     let headroom = |limit: Option<u64>, used: Option<u64>| match (limit, used) {
         (Some(l), Some(u)) => Some(l.saturating_sub(u)),
@@ -131,7 +139,7 @@ pub fn render(
             "oom_kills": u.oom_kills, "throttled_usec": u.throttled_usec,
         },
         "pressure": {"cpu": pressure("cpu"), "memory": pressure("memory"), "io": pressure("io")},
-        "sched": {"class": "fair", "cpu_max": cpu_max},
+        "sched": sched,
         "lease": f.lease.as_ref().map(|(l, e)| json!({"id": l, "expires_ms": e})),
         "grants": {"filesystem": start_report["enforced"]["filesystem"], "network": {
             "mode": network["mode"], "allow_domains": network["allow_domains"],
@@ -171,8 +179,18 @@ pub fn render(
     for key in ["cpu", "memory", "io"] {
         put(&format!("pressure/{key}"), text(&all["pressure"][key]));
     }
-    put("sched/class", "fair".into());
+    put("sched/class", text(&sched["class"]));
     put("sched/cpu_max", cpu_max.clone());
+    let params: String = sched
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "class" | "cgroup" | "cpu_max"))
+                .map(|(k, v)| format!("{k} {}\n", text(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    put("sched/params", params);
     put(
         "lease/id",
         or_none(f.lease.as_ref().map(|(l, _)| l.clone())),

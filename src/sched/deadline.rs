@@ -156,6 +156,20 @@ impl DeadlineClass {
         Ok(())
     }
 
+    /// Reserves the bandwidth whatever the budget (see Runqueue::force_admit).
+    pub fn force_admit(&mut self, id: JobId, params: SchedParams) {
+        if let SchedParams::Deadline {
+            runtime,
+            deadline,
+            period,
+        } = params
+        {
+            let period = if period == 0 { deadline } else { period };
+            self.admitted
+                .insert(id, runtime as f64 / period.max(1) as f64);
+        }
+    }
+
     /// (overruns, misses) of a job so far.
     pub fn counts(&self, id: JobId) -> Option<(u64, u64)> {
         self.jobs.get(&id).map(|d| (d.overruns, d.misses))

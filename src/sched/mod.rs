@@ -36,6 +36,7 @@
 pub mod deadline;
 pub mod fair;
 pub mod idle;
+pub mod kernel;
 pub mod rt;
 pub mod runqueue;
 
@@ -66,7 +67,8 @@ pub const CLASS_ORDER: [ClassKind; 4] = [
 ];
 
 /// What a job asked for (validated by its class's `check`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "class", rename_all = "lowercase")]
 pub enum SchedParams {
     /// `weight` from `fair::weight_of_nice`, or given; `slice` in ns of CPU time.
     Fair {

@@ -97,6 +97,12 @@ impl Runqueue {
         }
     }
 
+    /// Reserves a deadline job's bandwidth without the budget check (a job adopted
+    /// after a restart runs already).
+    pub fn force_admit(&mut self, id: JobId, params: SchedParams) {
+        self.deadline.force_admit(id, params);
+    }
+
     /// The job became runnable; it may take a slot at once.
     pub fn enqueue(
         &mut self,

@@ -6,6 +6,7 @@
 //! silently widen or narrow it.
 
 pub mod quotas;
+pub mod sched;
 mod units;
 mod values;
 
@@ -115,6 +116,8 @@ pub struct Policy {
     pub workspace: WorkspacePolicy,
     /// What the job may make the daemon hold (tool-call records, context segments).
     pub quotas: quotas::Quotas,
+    /// Its scheduling class and what a job may ask for (`[sched]`).
+    pub sched: sched::SchedPolicy,
 }
 
 /// Which workspace handles a job of this policy may get.
@@ -191,6 +194,8 @@ struct RawPolicy {
     workspace: RawWorkspace,
     #[serde(default)]
     quotas: quotas::RawQuotas,
+    #[serde(default)]
+    sched: sched::RawSched,
 }
 
 #[derive(Deserialize, Default)]
@@ -650,6 +655,11 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         .parse()
         .map_err(|(span, key, m)| err(Some(span), key, m))?;
 
+    let sched = raw
+        .sched
+        .parse()
+        .map_err(|(span, key, m)| err(Some(span), key, m))?;
+
     Ok(Policy {
         name,
         source: origin.to_owned(),
@@ -673,6 +683,7 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         lifecycle,
         workspace,
         quotas,
+        sched,
     })
 }
 
@@ -822,6 +833,103 @@ mod tests {
         }
         let e = parse("[quotas]\nregions = 3\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn sched_sections_and_requests_are_checked_with_the_rule() {
+        use crate::sched::{ClassKind, SchedParams};
+        use sched::{SchedRequest, resolve};
+        let p = parse(
+            "[sched]\nclasses = [\"fair\", \"deadline\"]\nruntime = \"2ms\"\ndeadline = \"10ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(p.sched.classes, [ClassKind::Fair, ClassKind::Deadline]);
+        let dl = resolve(
+            &p.sched,
+            "p",
+            &SchedRequest {
+                class: Some("deadline".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            dl,
+            SchedParams::Deadline {
+                runtime: 2_000_000,
+                deadline: 10_000_000,
+                period: 10_000_000
+            }
+        );
+        let e = resolve(
+            &p.sched,
+            "p",
+            &SchedRequest {
+                class: Some("rt".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "--class rt: policy p grants fair, deadline (sched.classes)"
+        );
+        let e = resolve(
+            &p.sched,
+            "p",
+            &SchedRequest {
+                weight: Some(4096),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "--weight 4096: policy p allows at most 1024 (sched.max_weight)"
+        );
+        let e = resolve(
+            &p.sched,
+            "p",
+            &SchedRequest {
+                class: Some("deadline".into()),
+                runtime: Some("20ms".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("--runtime: 20 ms is longer than the deadline 10 ms"),
+            "{e}"
+        );
+        let e = resolve(
+            &p.sched,
+            "p",
+            &SchedRequest {
+                slice: Some("1ms".into()),
+                class: Some("deadline".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "--slice is for the fair class, and this job's class is deadline"
+        );
+        for (text, key, line) in [
+            ("[sched]\nclass = \"batch\"\n", "sched.class", 2),
+            ("[sched]\nclass = \"deadline\"\n", "sched.class", 2),
+            ("[sched]\n\nslice = \"500ms\"\n", "sched.slice", 3),
+            ("[sched]\nweight = 0\n", "sched.weight", 2),
+            ("[sched]\nnice = 30\n", "sched.nice", 2),
+            (
+                "[sched]\nruntime = \"5ms\"\ndeadline = \"1ms\"\n",
+                "sched.runtime",
+                2,
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!((e.key.as_str(), e.line), (key, Some(line)), "{e}");
+        }
     }
 
     #[test]

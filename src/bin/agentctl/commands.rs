@@ -33,6 +33,50 @@ fn lease_cell(job: &JobInfo) -> String {
     }
 }
 
+/// `sched`: the budget and each job's class.
+pub async fn sched(client: &Client, json: bool) -> Result<i32, Fail> {
+    let view: serde_json::Value = client.get("/v1/sched").await?;
+    if json {
+        emit_json(&view)?;
+        return Ok(0);
+    }
+    let ns = |v: &serde_json::Value| format!("{:.1}ms", v.as_u64().unwrap_or(0) as f64 / 1e6);
+    let rows: Vec<Vec<String>> = view["jobs"]
+        .as_array()
+        .map(|jobs| {
+            jobs.iter()
+                .map(|j| {
+                    let d = &j["detail"];
+                    let params = match j["class"].as_str().unwrap_or("") {
+                        "fair" => format!("weight {} slice {}", d["weight"], ns(&d["slice_ns"])),
+                        "deadline" => format!(
+                            "runtime {} deadline {} period {}",
+                            ns(&d["runtime_ns"]),
+                            ns(&d["deadline_ns"]),
+                            ns(&d["period_ns"])
+                        ),
+                        "rt" => format!("priority {}", d["priority"]),
+                        _ => "-".into(),
+                    };
+                    vec![
+                        j["job"].as_str().unwrap_or("").to_owned(),
+                        j["class"].as_str().unwrap_or("").to_owned(),
+                        params,
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut text = format!(
+        "CPU budget {:.2} CPUs; deadline bandwidth admitted {:.4} CPUs\n",
+        view["cpu_budget"].as_f64().unwrap_or(0.0),
+        view["deadline_admitted"].as_f64().unwrap_or(0.0)
+    );
+    text.push_str(&table(&["JOB", "CLASS", "PARAMETERS"], &rows));
+    emit(&text)?;
+    Ok(0)
+}
+
 /// `classes`: the daemon's objects by class, then per job (or the export policy).
 pub async fn classes(
     client: &Client,

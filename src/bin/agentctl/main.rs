@@ -177,6 +177,9 @@ enum Command {
         #[arg(long)]
         fields: bool,
     },
+    /// Scheduling: the CPU budget, the deadline bandwidth admitted within it, and each
+    /// running job's class with its parameters (JOB CLASS PARAMETERS).
+    Sched,
     /// Published snapshots: list, show, remove.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -309,6 +312,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
     match command {
         Command::Run(args) => run::run(client, *args, json).await,
         Command::Ps { all } => c::ps(client, all, json).await,
+        Command::Sched => c::sched(client, json).await,
         Command::Classes { job, fields } => c::classes(client, job.as_deref(), fields, json).await,
         Command::Inspect { job } => c::inspect(client, &job, json).await,
         Command::Logs {

@@ -80,6 +80,8 @@ pub struct RunArgs {
     /// default, after resolving, so a name cannot smuggle them in).
     #[arg(long = "allow-private")]
     pub allow_private: bool,
+    #[command(flatten)]
+    pub sched: agentd::spec::sched::SchedRequest,
     /// Run under this lease (yours: you renew and release it); the job is cancelled when
     /// the lease ends.
     #[arg(long, value_name = "ID")]
@@ -239,6 +241,7 @@ fn submit_request(
         net: args.net.clone(),
         allow_domain: args.allow_domain.clone(),
         allow_private: args.allow_private,
+        sched: args.sched.clone(),
     })
 }
 

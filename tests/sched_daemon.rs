@@ -1,0 +1,211 @@
+//! Scheduling classes on the real kernel, through the daemon: what a class writes to
+//! the job's cgroup, admission control at submission, and weights that divide a CPU.
+
+mod common;
+
+use common::daemon::{TestDaemon, default_policy_with, rows, show, str_of};
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+/// The cgroup file `name` of a job, from whichever of its directories has it.
+fn cgroup_file(job: &Value, name: &str) -> Option<String> {
+    job["cgroup"].as_array()?.iter().find_map(|d| {
+        std::fs::read_to_string(Path::new(d.as_str()?).join(name))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    })
+}
+
+/// cpu.max as "QUOTA PERIOD", from v2's file or v1's two.
+fn cpu_max(job: &Value) -> String {
+    cgroup_file(job, "cpu.max").unwrap_or_else(|| {
+        format!(
+            "{} {}",
+            cgroup_file(job, "cpu.cfs_quota_us").expect("cpu.cfs_quota_us"),
+            cgroup_file(job, "cpu.cfs_period_us").expect("cpu.cfs_period_us")
+        )
+    })
+}
+
+fn deadline_policy(d: &TestDaemon) -> String {
+    default_policy_with(
+        d,
+        "deadline",
+        "classes = [\"fair\", \"idle\"]",
+        "classes = [\"fair\", \"idle\", \"deadline\"]",
+    )
+}
+
+#[test]
+fn deadline_jobs_are_admitted_within_the_budget_and_carry_their_bandwidth() {
+    let d = TestDaemon::start(&["--cpu-budget", "0.5"]);
+    let policy = deadline_policy(&d);
+    let dl = |runtime: &str| -> std::process::Output {
+        d.ctl(&[
+            "run",
+            "--detach",
+            "--policy-file",
+            &policy,
+            "--class",
+            "deadline",
+            "--runtime",
+            runtime,
+            "--deadline",
+            "100ms",
+            "--period",
+            "100ms",
+            "--",
+            "sleep",
+            "60",
+        ])
+    };
+    let first = dl("20ms");
+    assert!(first.status.success(), "{}", show(&first));
+    let first = common::daemon::out_text(&first).trim().to_owned();
+    let job = d.job(&first);
+    assert_eq!(cpu_max(&job), "20000 100000", "{job}");
+    let second = dl("25ms");
+    assert!(second.status.success(), "{}", show(&second));
+    let second = common::daemon::out_text(&second).trim().to_owned();
+    // 0.2 + 0.25 admitted of 0.5: 0.1 more would overflow.
+    let third = dl("10ms");
+    assert_eq!(third.status.code(), Some(125), "{}", show(&third));
+    let err = common::daemon::err_text(&third);
+    assert!(
+        err.contains("asks for 0.1000 CPUs") && err.contains("0.4500 of the budget of 0.5000 CPUs"),
+        "{err}"
+    );
+    let audit = d.audit();
+    assert!(
+        audit.iter().any(|r| r["action"] == "job.submit"
+            && str_of(r, "authority").starts_with("denied by sched.admission")),
+        "no refusal row"
+    );
+    let admitted = rows(&audit, "job.admit", &first);
+    assert!(
+        str_of(admitted[0], "authority").contains("class deadline: 0.2000 CPUs"),
+        "{:?}",
+        admitted
+    );
+    // The job reads its class in its own view.
+    let sched = d.get("/v1/sched").json();
+    assert_eq!(
+        sched["deadline_admitted"].as_f64().unwrap(),
+        0.45,
+        "{sched}"
+    );
+    let table = d.ctl_ok(&["sched"]);
+    assert!(
+        table.lines().any(|l| l.starts_with(&first)
+            && l.contains("deadline")
+            && l.contains("runtime 20.0ms")),
+        "{table}"
+    );
+    // The first ends: its bandwidth returns, and the third fits.
+    d.ctl_ok(&["kill", "--signal", "KILL", &first]);
+    d.wait_ended(&first);
+    let third = dl("10ms");
+    assert!(third.status.success(), "{}", show(&third));
+    let third = common::daemon::out_text(&third).trim().to_owned();
+    for id in [&second, &third] {
+        d.ctl_ok(&["kill", "--signal", "KILL", id]);
+        d.wait_ended(id);
+    }
+    let sched = d.get("/v1/sched").json();
+    assert_eq!(sched["deadline_admitted"].as_f64().unwrap(), 0.0, "{sched}");
+}
+
+#[test]
+fn classes_and_weights_reach_the_cgroup_within_the_policys_bounds() {
+    let d = TestDaemon::start(&[]);
+    let id = d.run_detached(&["--weight", "512"], &["sleep", "60"]);
+    let job = d.job(&id);
+    match cgroup_file(&job, "cpu.shares") {
+        Some(shares) => assert_eq!(shares, "512", "{job}"),
+        None => assert_eq!(
+            cgroup_file(&job, "cpu.weight").as_deref(),
+            Some("50"),
+            "{job}"
+        ),
+    }
+    let idle = d.run_detached(&["--class", "idle"], &["sleep", "60"]);
+    let job = d.job(&idle);
+    // v1's cpu hierarchy where there is one (a hybrid host's empty cgroup2 tree shows
+    // cpu.idle without the cpu controller), else v2's cpu.idle.
+    match cgroup_file(&job, "cpu.shares") {
+        Some(shares) => assert_eq!(shares, "2", "{job}"),
+        None => assert_eq!(cgroup_file(&job, "cpu.idle").as_deref(), Some("1"), "{job}"),
+    }
+    // The job sees its class and parameters.
+    let view = d.ctl(&[
+        "run",
+        "--slice",
+        "1ms",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ ! -s /run/agentd/self/sched/params ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; cat /run/agentd/self/sched/class /run/agentd/self/sched/params",
+    ]);
+    let text = common::daemon::out_text(&view);
+    assert!(text.starts_with("fair\n"), "{}", show(&view));
+    assert!(text.contains("slice_ns 1000000"), "{}", show(&view));
+    // What the policy does not grant is refused before anything is made.
+    for (flags, want) in [
+        (&["--weight", "4096"][..], "sched.max_weight"),
+        (
+            &[
+                "--class",
+                "deadline",
+                "--runtime",
+                "1ms",
+                "--deadline",
+                "10ms",
+            ][..],
+            "sched.classes",
+        ),
+        (&["--class", "rt"][..], "sched.classes"),
+        (&["--slice", "500ms"][..], "--slice"),
+    ] {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "true"]);
+        let o = d.ctl(&args);
+        assert_eq!(o.status.code(), Some(125), "{flags:?}: {}", show(&o));
+        assert!(
+            common::daemon::err_text(&o).contains(want),
+            "{flags:?}: {}",
+            show(&o)
+        );
+    }
+    for id in [&id, &idle] {
+        d.ctl_ok(&["kill", "--signal", "KILL", id]);
+        d.wait_ended(id);
+    }
+}
+
+/// Two CPU hogs pinned to one CPU, weights 1 and 3: the kernel splits the CPU about
+/// 1:3, as their cgroups account it.
+#[test]
+fn weights_one_and_three_split_one_cpu_about_one_to_three() {
+    let d = TestDaemon::start(&[]);
+    let hog = ["taskset", "-c", "0", "sh", "-c", "while :; do :; done"];
+    let light = d.run_detached(&["--weight", "256"], &hog);
+    let heavy = d.run_detached(&["--weight", "768"], &hog);
+    let usage = |id: &str| -> u64 { d.job(id)["usage"]["cpu_usec"].as_u64().unwrap_or(0) };
+    let (l0, h0) = (usage(&light), usage(&heavy));
+    // Both have run a while (a second of CPU between them) before the split counts.
+    std::thread::sleep(Duration::from_secs(4));
+    let (l1, h1) = (usage(&light), usage(&heavy));
+    for id in [&light, &heavy] {
+        d.ctl_ok(&["kill", "--signal", "KILL", id]);
+        d.wait_ended(id);
+    }
+    let (l, h) = ((l1 - l0) as f64, (h1 - h0) as f64);
+    assert!(l + h > 1e6, "the hogs hardly ran: {l} + {h} µs");
+    let ratio = h / l.max(1.0);
+    assert!(
+        (2.2..=4.0).contains(&ratio),
+        "heavy:light = {h}:{l} µs = {ratio:.2}, expected about 3"
+    );
+}
