@@ -4,9 +4,12 @@
 //!
 //!   fair      weight → cpu.weight (v2: weight·100/1024, 1..10000) or cpu.shares (v1:
 //!             the weight itself, ≥ 2), so weights divide contended CPU time;
-//!   deadline  cpu.max = runtime/period (CFS bandwidth control: throttled when the
-//!             runtime is used, refilled each period);
-//!   rt        the highest weight, bounded by cpu.max = the policy's sched.rt_cpus;
+//!   deadline  the highest weight, bounded by cpu.max = runtime/period: it wins the
+//!             CPU from every other job up to its bandwidth (which admission control
+//!             keeps within the budget, so every admitted job can have its own) and is
+//!             throttled when its runtime is used, refilled each period;
+//!   rt        a weight above any fair job's (half the highest), bounded by cpu.max =
+//!             the policy's sched.rt_cpus;
 //!   idle      cpu.idle = 1 (v2, SCHED_IDLE for the group) or cpu.shares = 2 (v1).
 //!
 //! A job's own cpu limit (limits.cpu, --cpu) still applies: the stricter quota wins.
@@ -26,8 +29,10 @@ pub struct CgroupSched {
     pub idle: bool,
 }
 
-/// cpu.weight's top (v2) and a weight above any nice level's (v1 shares).
-const RT_WEIGHT: u64 = 10_000 * 1024 / 100;
+/// cpu.weight's top (v2: 10000) as a kernel weight, for deadline jobs; rt jobs get half,
+/// still above any nice level's (88761 is nice −20; cpu.weight 10000 = 102400).
+const DEADLINE_WEIGHT: u64 = 10_000 * 1024 / 100;
+const RT_WEIGHT: u64 = DEADLINE_WEIGHT / 2 + 40_000;
 
 impl CgroupSched {
     /// For a job of class `params`; `rt_cpus` bounds an rt job.
@@ -47,7 +52,8 @@ impl CgroupSched {
                 let q = ((us(runtime) as u128 * p as u128 / us(period) as u128) as u64).max(1000);
                 CgroupSched {
                     cpu_max: Some((q, p)),
-                    ..Default::default()
+                    weight: Some(DEADLINE_WEIGHT),
+                    idle: false,
                 }
             }
             SchedParams::Rt { .. } => CgroupSched {
@@ -145,12 +151,16 @@ mod tests {
             },
             0.5,
         );
-        assert_eq!(dl.cpu_max, Some((2000, 10000)));
+        assert_eq!(
+            (dl.cpu_max, dl.cpu_weight()),
+            (Some((2000, 10000)), Some(10_000))
+        );
         let rt = CgroupSched::of(&SchedParams::Rt { priority: 10 }, 0.5);
         assert_eq!(
             (rt.cpu_max, rt.cpu_weight()),
-            (Some((50_000, 100_000)), Some(10_000))
+            (Some((50_000, 100_000)), Some(8_906))
         );
+        assert!(rt.weight > Some(88761), "above nice -20");
         let idle = CgroupSched::of(&SchedParams::Idle, 0.5);
         assert_eq!((idle.idle, idle.cpu_shares()), (true, Some(2)));
         // The stricter quota wins.
