@@ -145,11 +145,28 @@ fn classes_and_weights_reach_the_cgroup_within_the_policys_bounds() {
         "--",
         "sh",
         "-c",
-        "i=0; while [ ! -s /run/agentd/self/sched/params ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; cat /run/agentd/self/sched/class /run/agentd/self/sched/params",
+        "i=0; while [ ! -s /run/agentd/self/sched/params ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; cat /run/agentd/self/sched/class /run/agentd/self/sched/params; grep se.slice /proc/self/sched",
     ]);
     let text = common::daemon::out_text(&view);
     assert!(text.starts_with("fair\n"), "{}", show(&view));
     assert!(text.contains("slice_ns 1000000"), "{}", show(&view));
+    // The kernel gives every process of the job that slice (Linux >= 6.12).
+    let slice_line = text.lines().find(|l| l.starts_with("se.slice")).unwrap_or_else(|| {
+        panic!(
+            "this kernel shows no se.slice in /proc/PID/sched: the EEVDF slice needs Linux >= 6.12 ({})",
+            show(&view)
+        )
+    });
+    assert!(
+        slice_line.ends_with(" 1000000"),
+        "{slice_line}: {}",
+        show(&view)
+    );
+    assert!(
+        text.contains("kernel_slice 1000000 ns (sched_attr.sched_runtime)"),
+        "{}",
+        show(&view)
+    );
     // What the policy does not grant is refused before anything is made.
     for (flags, want) in [
         (&["--weight", "4096"][..], "sched.max_weight"),

@@ -172,27 +172,10 @@ fn landlock_extras(abi: u32) -> String {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct SchedAttr {
-    size: u32,
-    policy: u32,
-    flags: u64,
-    nice: i32,
-    priority: u32,
-    runtime: u64,
-    deadline: u64,
-    period: u64,
-}
+use crate::sched::attr::SchedAttr;
 
 fn sched_setattr(attr: &SchedAttr) -> std::io::Result<()> {
-    // SAFETY: attr is a valid, fully initialized sched_attr of the size it declares.
-    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, attr as *const SchedAttr, 0) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::sched::attr::sched_setattr(0, attr)
 }
 
 /// Tries SCHED_DEADLINE in a short-lived child, so this process keeps its policy.

@@ -103,6 +103,9 @@ pub struct JobPlan {
     /// The job's scheduling class and parameters, and what they write to its cgroup.
     pub sched: crate::sched::SchedParams,
     pub sched_cgroup: crate::sched::kernel::CgroupSched,
+    /// A fair job's own slice for the kernel: Ok(ns) to apply, Err(why not) to record;
+    /// None when the job asked for none.
+    pub kernel_slice: Option<Result<u64, String>>,
 }
 
 impl JobPlan {
@@ -280,6 +283,23 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         flag_err(flag, m.clone())
     })?;
     let sched_cgroup = crate::sched::kernel::CgroupSched::of(&sched, policy.sched.rt_cpus);
+    // A fair job that asked for its own slice (or whose policy did) gets it from the
+    // kernel too, where the kernel honours one; elsewhere that is recorded, not fatal
+    // (a slice is a latency wish, not a protection).
+    let asked_slice = match sched {
+        crate::sched::SchedParams::Fair { slice, .. }
+            if options.sched.slice.is_some()
+                || policy.sched.slice_ns != crate::sched::fair::DEFAULT_SLICE =>
+        {
+            Some(slice)
+        }
+        _ => None,
+    };
+    let kernel_slice = asked_slice.map(|slice| {
+        crate::sched::attr::eevdf_slice_supported()
+            .map(|()| slice)
+            .map_err(|why| format!("unsupported: {why}"))
+    });
     let cg_limits = CgroupLimits {
         cpu: limits.cpu,
         memory: limits.memory,
@@ -303,7 +323,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         skip_controllers.push(controller);
     }
 
-    let sandbox = build_sandbox_plan(
+    let mut sandbox = build_sandbox_plan(
         &policy,
         &options,
         workspace.as_deref(),
@@ -314,6 +334,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         !allowed("landlock"),
         &egress,
     )?;
+    sandbox.eevdf_slice = kernel_slice.as_ref().and_then(|k| k.as_ref().ok().copied());
     Ok(JobPlan {
         landlock_dropped: super::landlock::rights_dropped(landlock_abi),
         policy,
@@ -330,6 +351,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         review_layers: None,
         sched,
         sched_cgroup,
+        kernel_slice,
     })
 }
 
@@ -629,6 +651,7 @@ fn build_sandbox_plan(
         output: None,
         nofile: None,
         fault: None,
+        eevdf_slice: None,
     })
 }
 

@@ -278,7 +278,18 @@ impl JobReport {
             usage: run.usage,
             signals_forwarded: run.outcome.forwarded.clone(),
             network: crate::net::NetworkReport::for_policy(&plan.egress),
-            sched: crate::sched::kernel::report(&plan.sched, &plan.sched_cgroup),
+            sched: {
+                let mut s = crate::sched::kernel::report(&plan.sched, &plan.sched_cgroup);
+                match &plan.kernel_slice {
+                    Some(Ok(ns)) => {
+                        s["kernel_slice"] =
+                            serde_json::json!(format!("{ns} ns (sched_attr.sched_runtime)"))
+                    }
+                    Some(Err(why)) => s["kernel_slice"] = serde_json::json!(why),
+                    None => {}
+                }
+                s
+            },
             enforced: Enforced {
                 namespaces: super::spawn::NAMESPACES
                     .iter()

@@ -111,6 +111,8 @@ pub enum SpawnError {
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("{0}")]
     Landlock(String),
+    #[error("cannot give the job its EEVDF slice: {0}")]
+    Sched(String),
     #[error("injected fault at {0}")]
     Fault(&'static str),
 }
@@ -276,6 +278,11 @@ pub fn spawn(
             uid: ids.host_uid,
             source,
         })?;
+    }
+    // The job's EEVDF slice, on its init before it runs anything: every process of the
+    // job inherits it at fork.
+    if let Some(slice) = plan.eevdf_slice {
+        crate::sched::attr::set_eevdf_slice(child.pid, slice).map_err(SpawnError::Sched)?;
     }
     if fault == Some("after-clone") {
         return Err(SpawnError::Fault("after-clone"));

@@ -77,6 +77,10 @@ pub struct SandboxPlan {
     pub nofile: Option<(u64, u64)>,
     /// Test builds only: the setup step to fail at.
     pub fault: Option<Step>,
+    /// The EEVDF slice the parent gives the job's init before releasing it (inherited
+    /// by every process of the job): a fair job that asked for its own slice, on a
+    /// kernel that honours one.
+    pub eevdf_slice: Option<u64>,
 }
 
 /// Descriptors the parent opened for a job whose output goes to log files (see

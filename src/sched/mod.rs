@@ -33,6 +33,7 @@
 //!                  job's slot at once (same class)?
 //!   complete     — `Runqueue::complete`: the job ended; its accounting and bandwidth go.
 
+pub mod attr;
 pub mod deadline;
 pub mod fair;
 pub mod idle;
