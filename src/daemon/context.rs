@@ -87,26 +87,13 @@ impl Segments {
             u64::from(old.is_none()),
             new.saturating_sub(old.unwrap_or(0)),
         );
-        let held = (self.charge.live(), self.charge.bytes());
-        for (bound, limit, held, asked) in [
-            ("objects", quota.objects, held.0, objects),
-            ("bytes", quota.bytes, held.1, bytes),
-        ] {
-            if let Some(limit) = limit
-                && asked > 0
-                && held + asked > limit
-            {
-                return Err(QuotaExceeded {
-                    class: crate::telemetry::classes::Class::ContextSegment,
-                    job: String::new(),
-                    bound,
-                    limit,
-                    held,
-                    asked,
-                });
-            }
-        }
-        Ok(())
+        crate::telemetry::classes::check_quota(
+            crate::telemetry::classes::Class::ContextSegment,
+            "",
+            (self.charge.live(), self.charge.bytes()),
+            (objects, bytes),
+            quota,
+        )
     }
 
     /// Stores (or replaces) segment `name`.

@@ -246,7 +246,9 @@ impl Daemon {
     /// Writes a batch through the store's group commit.
     pub async fn commit(&self, batch: WriteBatch) -> Result<(), crate::store::StoreError> {
         let n = batch.ops.len() as u64;
-        // The rows are charged to their class until they are durable (or failed).
+        // The rows are charged to their class until they are durable (or failed). Their
+        // `change` documents are not measured: that would serialize each a second time
+        // on the commit path (the store serializes it once).
         let bytes: usize = batch
             .ops
             .iter()
@@ -256,7 +258,6 @@ impl Daemon {
                     + o.authority.len()
                     + o.rollback.len()
                     + o.target.as_ref().map_or(0, String::len)
-                    + o.change.to_string().len()
             })
             .sum();
         let _in_flight = (n > 0).then(|| {

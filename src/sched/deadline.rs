@@ -333,14 +333,14 @@ impl SchedClass for DeadlineClass {
     }
 }
 
-/// cpu.max for a deadline job: "QUOTA PERIOD" in µs (its bandwidth, enforced by CFS
-/// bandwidth control: throttled when the quota is used, refilled each period).
-pub fn cpu_max(runtime: u64, period: u64) -> String {
+/// cpu.max for a deadline job: (quota, period) in µs, its bandwidth, enforced by CFS
+/// bandwidth control (throttled when the quota is used, refilled each period).
+pub fn cpu_max(runtime: u64, period: u64) -> (u64, u64) {
     let us = |ns: u64| (ns / NSEC_PER_USEC).max(1);
-    // cpu.max accepts periods of 1 ms..1 s.
+    // cpu.max accepts periods of 1 ms..1 s; the quota keeps the bandwidth.
     let p = us(period).clamp(1000, NSEC_PER_SEC / NSEC_PER_USEC);
     let q = (us(runtime) as u128 * p as u128 / us(period) as u128).max(1000) as u64;
-    format!("{q} {p}")
+    (q, p)
 }
 
 #[cfg(test)]
@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn cpu_max_carries_the_bandwidth() {
-        assert_eq!(cpu_max(2 * MS, 10 * MS), "2000 10000");
-        assert_eq!(cpu_max(250 * MS, NSEC_PER_SEC), "250000 1000000");
+        assert_eq!(cpu_max(2 * MS, 10 * MS), (2000, 10000));
+        assert_eq!(cpu_max(250 * MS, NSEC_PER_SEC), (250000, 1000000));
     }
 }

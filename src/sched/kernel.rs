@@ -14,7 +14,7 @@
 //!
 //! A job's own cpu limit (limits.cpu, --cpu) still applies: the stricter quota wins.
 
-use super::{NSEC_PER_USEC, SchedParams};
+use super::SchedParams;
 
 /// The CPU controller's settings for one job's class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -45,17 +45,11 @@ impl CgroupSched {
             },
             SchedParams::Deadline {
                 runtime, period, ..
-            } => {
-                let us = |ns: u64| (ns / NSEC_PER_USEC).max(1);
-                // cpu.max takes periods of 1 ms to 1 s; the quota keeps the bandwidth.
-                let p = us(period).clamp(1000, 1_000_000);
-                let q = ((us(runtime) as u128 * p as u128 / us(period) as u128) as u64).max(1000);
-                CgroupSched {
-                    cpu_max: Some((q, p)),
-                    weight: Some(DEADLINE_WEIGHT),
-                    idle: false,
-                }
-            }
+            } => CgroupSched {
+                cpu_max: Some(super::deadline::cpu_max(runtime, period)),
+                weight: Some(DEADLINE_WEIGHT),
+                idle: false,
+            },
             SchedParams::Rt { .. } => CgroupSched {
                 cpu_max: Some((((rt_cpus * 100_000.0) as u64).max(1000), 100_000)),
                 weight: Some(RT_WEIGHT),

@@ -63,6 +63,15 @@ impl Runqueue {
         }
     }
 
+    fn class_ref(&self, kind: ClassKind) -> &dyn SchedClass {
+        match kind {
+            ClassKind::Deadline => &self.deadline,
+            ClassKind::Rt => &self.rt,
+            ClassKind::Fair => &self.fair,
+            ClassKind::Idle => &self.idle,
+        }
+    }
+
     pub fn fair(&self) -> &FairClass {
         &self.fair
     }
@@ -118,13 +127,7 @@ impl Runqueue {
         if self.running.len() == self.slots
             && let Some(&victim) = self.running.iter().find(|&&r| {
                 self.class_of.get(&r) == Some(&kind) && {
-                    let c: &dyn SchedClass = match kind {
-                        ClassKind::Deadline => &self.deadline,
-                        ClassKind::Rt => &self.rt,
-                        ClassKind::Fair => &self.fair,
-                        ClassKind::Idle => &self.idle,
-                    };
-                    c.check_preempt(r, id)
+                    self.class_ref(kind).check_preempt(r, id)
                 }
             })
         {
@@ -268,13 +271,8 @@ impl Runqueue {
         ids.sort();
         ids.into_iter()
             .map(|(&id, &kind)| {
-                let c: &dyn SchedClass = match kind {
-                    ClassKind::Deadline => &self.deadline,
-                    ClassKind::Rt => &self.rt,
-                    ClassKind::Fair => &self.fair,
-                    ClassKind::Idle => &self.idle,
-                };
-                serde_json::json!({"job": id, "class": kind, "detail": c.describe(id)})
+                serde_json::json!({"job": id, "class": kind,
+                    "detail": self.class_ref(kind).describe(id)})
             })
             .collect()
     }

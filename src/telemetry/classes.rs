@@ -220,6 +220,37 @@ pub struct Quota {
     pub bytes: Option<u64>,
 }
 
+/// Whether `asked` (objects, bytes) more on top of `held` fits `quota`; the one place
+/// the rule is written (charges use it, and so does a check made before the memory is
+/// taken, like a context segment's from its Content-Length).
+pub fn check_quota(
+    class: Class,
+    job: &str,
+    held: (u64, u64),
+    asked: (u64, u64),
+    quota: Quota,
+) -> Result<(), QuotaExceeded> {
+    for (bound, limit, held, asked) in [
+        ("objects", quota.objects, held.0, asked.0),
+        ("bytes", quota.bytes, held.1, asked.1),
+    ] {
+        if let Some(limit) = limit
+            && asked > 0
+            && held + asked > limit
+        {
+            return Err(QuotaExceeded {
+                class,
+                job: job.to_owned(),
+                bound,
+                limit,
+                held,
+                asked,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A charge a job's quota did not allow: what it held, what it asked, the bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaExceeded {
@@ -389,24 +420,7 @@ impl Accounting {
                 .get(job)
                 .map(|t| t.classes[class as usize])
                 .unwrap_or_default();
-            for (bound, limit, held, asked) in [
-                ("objects", quota.objects, held.live, live),
-                ("bytes", quota.bytes, held.bytes, bytes),
-            ] {
-                if let Some(limit) = limit
-                    && asked > 0
-                    && held + asked > limit
-                {
-                    return Err(QuotaExceeded {
-                        class,
-                        job: job.to_string(),
-                        bound,
-                        limit,
-                        held,
-                        asked,
-                    });
-                }
-            }
+            check_quota(class, job, (held.live, held.bytes), (live, bytes), quota)?;
             let table = per_job.entry(job.clone()).or_insert_with(|| JobTable {
                 since: Instant::now(),
                 classes: Default::default(),
