@@ -995,6 +995,11 @@ fn a_unique_handle_on_a_snapshot_publishes_a_new_one() {
     assert_eq!(d.job(&job)["review"]["state"], "pending");
     let r = d.post(&format!("/v1/jobs/{job}/accept"), "{}");
     assert!(r.error(409).contains("never changes"));
+    // Another snapshot that shares files with `base` is published meanwhile: linking
+    // the shared objects changes their ctimes, which must not read as `base` having
+    // moved on (a snapshot never does).
+    let sharing = review_job(&d, &src, "echo x > other.txt");
+    d.ctl_ok(&["accept", "--publish", &sharing]);
     let next = d.ctl_ok(&["accept", "--publish", &job]).trim().to_owned();
     assert_ne!(next, base);
     let next_tree = PathBuf::from(str_of(
