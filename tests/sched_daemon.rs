@@ -226,3 +226,75 @@ fn weights_one_and_three_split_one_cpu_about_one_to_three() {
         "heavy:light = {h}:{l} µs = {ratio:.2}, expected about 3"
     );
 }
+
+#[test]
+fn the_budget_caps_all_jobs_together_and_the_api_answers_while_20_hogs_run() {
+    let d = TestDaemon::start(&["--cpu-budget", "1"]);
+    let sched = d.get("/v1/sched").json();
+    assert_eq!(sched["cpu_budget_enforced"], true, "{sched}");
+    let group: Vec<String> = sched["job_group"]
+        .as_array()
+        .expect("job_group")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    // The group carries the budget: 1 CPU.
+    let budget = group.iter().find_map(|g| {
+        let g = Path::new(g);
+        std::fs::read_to_string(g.join("cpu.max"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .or_else(|| {
+                let q = std::fs::read_to_string(g.join("cpu.cfs_quota_us")).ok()?;
+                let p = std::fs::read_to_string(g.join("cpu.cfs_period_us")).ok()?;
+                Some(format!("{} {}", q.trim(), p.trim()))
+            })
+    });
+    assert_eq!(budget.as_deref(), Some("100000 100000"), "{group:?}");
+
+    let hog = ["sh", "-c", "while :; do :; done"];
+    let ids: Vec<String> = (0..20).map(|_| d.run_detached(&[], &hog)).collect();
+    for id in &ids {
+        let job = d.job(id);
+        for dir in job["cgroup"].as_array().unwrap() {
+            let dir = dir.as_str().unwrap();
+            assert!(
+                group.iter().any(|g| dir.starts_with(&format!("{g}/"))),
+                "{dir} is not below the job group {group:?}"
+            );
+        }
+    }
+    let usage = || -> u64 {
+        ids.iter()
+            .map(|id| d.job(id)["usage"]["cpu_usec"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let (u0, t0) = (usage(), std::time::Instant::now());
+    // The control plane answers while every job spins: each request gets its answer.
+    // The bound is liveness, not a latency target (bench-daemon measures latency).
+    let mut worst = Duration::ZERO;
+    for _ in 0..40 {
+        let t = std::time::Instant::now();
+        let r = d.get("/v1/jobs");
+        assert_eq!(r.status, 200, "{}", r.text());
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cpus = (usage() - u0) as f64 / t0.elapsed().as_micros() as f64;
+    for id in &ids {
+        d.ctl_ok(&["kill", "--signal", "KILL", id]);
+    }
+    for id in &ids {
+        d.wait_ended(id);
+    }
+    assert!(
+        worst < Duration::from_secs(2),
+        "an API request took {worst:?} while 20 hogs ran"
+    );
+    // Twenty hogs together get the budget, not the machine.
+    assert!(
+        (0.5..=1.15).contains(&cpus),
+        "20 hogs used {cpus:.2} CPUs together; the budget is 1"
+    );
+}

@@ -5,10 +5,12 @@
 //! with `Delegate=yes` would. Limits are written before the job's first process enters,
 //! so no instruction of the job runs unlimited.
 
+mod group;
 mod layout;
 mod v1;
 mod v2;
 
+pub use group::JobGroup;
 pub use layout::{HostCgroups, Layout, join_cgroup};
 pub use v1::CgroupV1;
 pub use v2::CgroupV2;
@@ -233,6 +235,25 @@ pub(crate) fn parent_dir(
 ) -> Result<PathBuf, CgroupError> {
     match parent {
         None => Ok(layout::join_cgroup(mount, own)),
+        // "./NAME": below this process's own cgroup in each hierarchy (the daemon's group
+        // of job cgroups when no parent was given; own cgroups differ per v1 hierarchy).
+        Some(p) if p.starts_with("./") => {
+            let rel = &p[2..];
+            if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "..") {
+                return Err(CgroupError::Parent(
+                    p.into(),
+                    "expected ./NAME below agentd's own cgroup".into(),
+                ));
+            }
+            let dir = layout::join_cgroup(mount, own).join(rel);
+            if !dir.is_dir() {
+                return Err(CgroupError::Parent(
+                    p.into(),
+                    format!("{} does not exist", dir.display()),
+                ));
+            }
+            Ok(dir)
+        }
         Some(p) => {
             if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
                 return Err(CgroupError::Parent(

@@ -217,7 +217,10 @@ impl CgroupV2 {
 }
 
 /// Makes sure the parent hands `needed` controllers down to its children.
-fn enable_controllers(parent: &Path, needed: &[&'static str]) -> Result<(), CgroupError> {
+pub(super) fn enable_controllers(
+    parent: &Path,
+    needed: &[&'static str],
+) -> Result<(), CgroupError> {
     let available = std::fs::read_to_string(parent.join("cgroup.controllers"))
         .map_err(io_err("read", parent))?;
     let enabled = std::fs::read_to_string(parent.join("cgroup.subtree_control"))

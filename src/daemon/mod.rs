@@ -240,6 +240,8 @@ pub struct Daemon {
     pub classes: Arc<Accounting>,
     /// The jobs' scheduling classes: admission, queues (`agentctl sched`).
     pub sched: Mutex<crate::sched::Runqueue>,
+    /// The cgroup every job cgroup sits below, carrying the CPU budget.
+    pub job_group: crate::cgroup::JobGroup,
 }
 
 impl Daemon {
@@ -412,8 +414,34 @@ pub fn serve(opts: ServeOptions) -> i32 {
     let cpu_budget = opts.cpu_budget.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64) * 0.95
     });
+    // Every job cgroup goes below one group that carries the budget: the jobs' weights
+    // divide it, and the rest stays with this process and the host.
+    let job_group = match crate::cgroup::JobGroup::ensure(
+        &host_cgroups,
+        opts.cgroup_parent.as_deref(),
+        &sched::job_group_name(&opts.state_dir),
+        cpu_budget,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("cannot make the cgroup that holds the jobs: {e}");
+            return 125;
+        }
+    };
+    match job_group.budget_enforced {
+        Some(cpus) => tracing::info!(
+            "job cgroups go below {} (CPU budget {cpus:.2} CPUs)",
+            job_group.parent
+        ),
+        None => tracing::warn!(
+            "job cgroups go below {}; the cpu controller is not usable there, so the CPU budget is not enforced",
+            job_group.parent
+        ),
+    }
+    opts.cgroup_parent = Some(job_group.parent.clone());
     let daemon = Arc::new(Daemon {
         sched: sched::new_runqueue(cpu_budget),
+        job_group: job_group.clone(),
         opts,
         store,
         events: events::EventBus::with_accounting(classes.clone()),
@@ -476,6 +504,8 @@ pub fn serve(opts: ServeOptions) -> i32 {
         let _ = std::fs::remove_file(&daemon.opts.socket);
         0
     });
+    // Gone only where empty: a group that still holds jobs stays for the next daemon.
+    job_group.remove_if_empty();
     // Leave without running destructors: running jobs' cgroups and runtime directories
     // belong to the jobs now, not to this process.
     std::process::exit(code)

@@ -17,6 +17,19 @@ pub fn job_key(id: &str) -> JobId {
     })
 }
 
+/// The name of the cgroup that holds this daemon's jobs: `agentd-jobs` for the default
+/// state directory, else suffixed with a digest of the state directory, so that two
+/// daemons (a test's, a second instance) never share, or remove, each other's group.
+pub fn job_group_name(state_dir: &std::path::Path) -> String {
+    use sha2::Digest;
+    if state_dir == std::path::Path::new("/var/lib/agentd") {
+        return "agentd-jobs".into();
+    }
+    let digest = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("agentd-jobs-{hex}")
+}
+
 pub fn new_runqueue(cpu_budget: f64) -> std::sync::Mutex<Runqueue> {
     // The rt class's own budget: half the CPU budget, every second.
     let rt_runtime = (cpu_budget * 0.5 * 1e9) as u64;
@@ -113,6 +126,8 @@ pub fn view(d: &Daemon) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "cpu_budget": rq.deadline().budget(),
+        "cpu_budget_enforced": d.job_group.budget_enforced.is_some(),
+        "job_group": d.job_group.dirs,
         "deadline_admitted": rq.deadline().admitted_bandwidth(),
         "jobs": jobs,
     })

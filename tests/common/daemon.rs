@@ -724,6 +724,15 @@ impl TestDaemon {
             }
         }
         problems.extend(self.reap());
+        // The daemon's group of job cgroups goes with its last job at a graceful stop.
+        let group = agentd::daemon::sched::job_group_name(&self.state_dir());
+        let left = super::cgroups_named(&group);
+        if !left.is_empty() {
+            problems.push(format!("the daemon's job group was left behind: {left:?}"));
+            for dir in left {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
         let jobs_dir = self.path("run").join("jobs");
         if let Ok(entries) = std::fs::read_dir(&jobs_dir) {
             let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();

@@ -142,10 +142,14 @@ pub fn job_id_in(text: &str) -> Option<String> {
 
 /// Every cgroup directory named for this job, in any hierarchy.
 pub fn cgroups_of(job: &str) -> Vec<PathBuf> {
+    cgroups_named(&format!("agentd-{job}"))
+}
+
+/// Every cgroup directory with this name, in any hierarchy.
+pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    let name = format!("agentd-{job}");
     fn walk(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
-        if depth > 6 {
+        if depth > 8 {
             return;
         }
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -163,7 +167,7 @@ pub fn cgroups_of(job: &str) -> Vec<PathBuf> {
             }
         }
     }
-    walk(Path::new("/sys/fs/cgroup"), &name, 0, &mut found);
+    walk(Path::new("/sys/fs/cgroup"), name, 0, &mut found);
     found
 }
 
