@@ -298,3 +298,111 @@ fn the_budget_caps_all_jobs_together_and_the_api_answers_while_20_hogs_run() {
         "20 hogs used {cpus:.2} CPUs together; the budget is 1"
     );
 }
+
+/// Polls `cond` every 50 ms for up to `secs` seconds.
+fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+#[test]
+fn with_one_slot_the_waiting_job_is_frozen_uses_no_cpu_and_takes_its_turn() {
+    let d = TestDaemon::start(&["--slots", "1", "--sched-tick", "2s"]);
+    let hog = ["sh", "-c", "while :; do :; done"];
+    let a = d.run_detached(&[], &hog);
+    let b = d.run_detached(&[], &hog);
+    let waiting = |id: &str| d.job(id)["waiting"] == true;
+    let cpu = |id: &str| d.job(id)["usage"]["cpu_usec"].as_u64().unwrap_or(0);
+    let resumed = |id: &str| rows(&d.audit(), "sched.resume", id).len();
+    // One slot: exactly one of them waits, frozen, its state still "running".
+    assert!(
+        eventually(5, || waiting(&a) != waiting(&b)),
+        "a: {}, b: {}",
+        d.job(&a),
+        d.job(&b)
+    );
+    // The waiting one uses no CPU while it waits (measured between two looks at which it
+    // waited with no resumption in between).
+    let mut checked = false;
+    for _ in 0..10 {
+        let w = if waiting(&a) { a.clone() } else { b.clone() };
+        let (u0, r0) = (cpu(&w), resumed(&w));
+        std::thread::sleep(Duration::from_millis(300));
+        if waiting(&w) && resumed(&w) == r0 {
+            assert_eq!(cpu(&w), u0, "job {w} used CPU while it waited for a slot");
+            assert_eq!(d.job(&w)["state"], "running");
+            checked = true;
+            break;
+        }
+    }
+    assert!(checked, "never saw a job wait through a whole look");
+    // Turns rotate: each tick the running fair job's slice is used, and the waiting one
+    // (eligible, earlier virtual deadline) takes the slot; both make progress.
+    assert!(
+        eventually(8, || resumed(&a) + resumed(&b) >= 2),
+        "no rotation: {:?}",
+        d.audit()
+            .iter()
+            .filter(|r| r["action"].as_str().unwrap_or("").starts_with("sched."))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        cpu(&a) > 100_000 && cpu(&b) > 100_000,
+        "{} {}",
+        cpu(&a),
+        cpu(&b)
+    );
+    let preempt = rows(&d.audit(), "sched.preempt", &a)
+        .into_iter()
+        .chain(rows(&d.audit(), "sched.preempt", &b))
+        .next()
+        .cloned()
+        .expect("a sched.preempt row");
+    assert!(
+        preempt["authority"].as_str().unwrap().contains("runqueue"),
+        "{preempt}"
+    );
+    // The owner freezes the running one: the waiting one gets the slot at once. Thawed
+    // again, it joins the queue: one of the two holds the slot and the other waits,
+    // frozen, both "running" to their owners (the thawed job may take the slot back at
+    // once: a waking job with an earlier virtual deadline preempts, as in EEVDF).
+    let (running, other) = if waiting(&a) {
+        (b.clone(), a.clone())
+    } else {
+        (a.clone(), b.clone())
+    };
+    d.ctl_ok(&["freeze", &running]);
+    assert!(eventually(3, || !waiting(&other)), "{}", d.job(&other));
+    assert_eq!(d.job(&running)["state"], "frozen");
+    d.ctl_ok(&["thaw", &running]);
+    assert_eq!(d.job(&running)["state"], "running");
+    assert!(
+        eventually(3, || waiting(&a) != waiting(&b)),
+        "a: {}, b: {}",
+        d.job(&a),
+        d.job(&b)
+    );
+    let table = d.ctl_ok(&["sched"]);
+    assert!(table.contains("1 slots, 1 job(s) waiting"), "{table}");
+    assert!(table.contains("waiting"), "{table}");
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("agentd_sched_preemptions_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // A waiting job can be killed (it is thawed to take the signal).
+    for id in [&a, &b] {
+        d.ctl_ok(&["kill", id]);
+    }
+    for id in [&a, &b] {
+        d.wait_ended(id);
+    }
+}

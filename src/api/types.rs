@@ -214,6 +214,10 @@ pub struct JobInfo {
     /// The tool calls the job recorded through its socket (provenance).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
+    /// Held frozen by the runqueue: runnable, but waiting for one of the daemon's
+    /// `--slots` (not frozen by its owner: `state` stays running).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting: bool,
 }
 
 /// One tool call a job recorded (POST /v1/self/tool-calls on its own socket).
@@ -440,6 +444,13 @@ pub enum EventKind {
     OomKill,
     /// Sent to a follower that fell behind: `detail` says how many events it missed.
     Lagged,
+    /// The runqueue took the job's slot (froze it): `detail` says why and for whom.
+    Preempted,
+    /// The runqueue gave the job a slot (thawed it).
+    Resumed,
+    /// A deadline job used its runtime within a period and the kernel throttled it
+    /// (cpu.max): `detail` counts the periods since the last look.
+    DeadlineOverrun,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -121,6 +121,15 @@ struct ServeArgs {
     /// Default: 95% of the host's CPUs.
     #[arg(long, env = "AGENTD_CPU_BUDGET", value_name = "CPUS", value_parser = parse_cpu_budget)]
     cpu_budget: Option<f64>,
+    /// Jobs that may run at once. The runqueue keeps the others waiting, frozen, and
+    /// hands slots out by class (deadline, rt, fair by EEVDF, idle), rotating fair jobs
+    /// each tick. Default: no limit (every admitted job runs; the kernel shares the CPU
+    /// budget by the classes' weights).
+    #[arg(long, env = "AGENTD_SLOTS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    slots: Option<u32>,
+    /// How often the runqueue accounts the jobs' CPU time and decides (e.g. 500ms).
+    #[arg(long, env = "AGENTD_SCHED_TICK", value_name = "DURATION", default_value = "500ms", value_parser = parse_tick)]
+    sched_tick: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -263,6 +272,8 @@ fn main() {
             spawners: a.spawners.clamp(1, 64),
             keep_ended: a.keep_ended,
             cpu_budget: a.cpu_budget,
+            slots: a.slots.map(|n| n as usize),
+            sched_tick: a.sched_tick,
         }),
         Command::Spawner => agentd::daemon::spawner::spawner_main(),
         Command::Check {
@@ -292,6 +303,19 @@ fn check(json: bool, cgroup_parent: Option<&str>) -> i32 {
         }
     }
     0
+}
+
+fn parse_tick(s: &str) -> Result<std::time::Duration, String> {
+    match agentd::spec::parse_duration(s) {
+        Ok(d)
+            if d >= std::time::Duration::from_millis(10)
+                && d <= std::time::Duration::from_secs(60) =>
+        {
+            Ok(d)
+        }
+        Ok(_) => Err(format!("{s}: expected a tick between 10ms and 60s")),
+        Err(e) => Err(format!("{s}: {e}")),
+    }
 }
 
 fn parse_cpu_budget(s: &str) -> Result<f64, String> {

@@ -36,6 +36,9 @@ pub struct Usage {
     pub peak_memory_bytes: Option<u64>,
     pub oom_kills: Option<u64>,
     pub throttled_usec: Option<u64>,
+    /// Periods in which the CPU limit held the job back (cpu.stat nr_throttled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttled_periods: Option<u64>,
     /// Memory in use at the time of reading (0 once the job has ended).
     pub memory_bytes: Option<u64>,
     /// Processes and threads at the time of reading.

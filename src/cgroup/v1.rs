@@ -285,6 +285,7 @@ impl JobCgroup for CgroupV1 {
         if let Some(d) = self.dir_of("cpu") {
             u.throttled_usec =
                 read_keyed(&d.join("cpu.stat"), "throttled_time").map(|ns| ns / 1000);
+            u.throttled_periods = read_keyed(&d.join("cpu.stat"), "nr_throttled");
         }
         if let Some(d) = self.dir_of("memory") {
             u.peak_memory_bytes = read_u64(&d.join("memory.max_usage_in_bytes"));

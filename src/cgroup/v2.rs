@@ -189,6 +189,9 @@ impl CgroupV2 {
         usage.throttled_usec = usage
             .throttled_usec
             .or_else(|| read_keyed(&stat, "throttled_usec"));
+        usage.throttled_periods = usage
+            .throttled_periods
+            .or_else(|| read_keyed(&stat, "nr_throttled"));
         usage.peak_memory_bytes = usage
             .peak_memory_bytes
             .or_else(|| read_u64(&self.dir.join("memory.peak")));

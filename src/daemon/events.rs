@@ -152,6 +152,9 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::Throttled => "throttled",
         EventKind::OomKill => "oom-kill",
         EventKind::Lagged => "lagged",
+        EventKind::Preempted => "preempted",
+        EventKind::Resumed => "resumed",
+        EventKind::DeadlineOverrun => "deadline-overrun",
     }
 }
 

@@ -313,7 +313,8 @@ pub async fn cancel(
             e.record(),
             e.pidfd.clone(),
             e.cgroup.clone(),
-            e.info.state == JobState::Frozen,
+            // Frozen by its owner, or waiting for a slot: frozen either way.
+            e.info.state == JobState::Frozen || e.info.waiting,
             grace_ms,
         )
     };
@@ -362,24 +363,43 @@ pub async fn set_frozen(
         (JobState::Frozen, JobState::Running)
     };
     let _ordered = d.ordered(id).await.ok_or_else(|| no_such_job(id))?;
-    let cgroup = {
+    let (cgroup, sched) = {
         let jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs.get(id).ok_or_else(|| no_such_job(id))?;
         lifecycle::check(id, e.info.state, to).map_err(ApiError::conflict)?;
         if e.info.state != from {
             return Err(ApiError::conflict(format!("job {id} is {}", e.info.state)));
         }
-        e.cgroup
+        let cgroup = e
+            .cgroup
             .clone()
-            .ok_or_else(|| ApiError::conflict(format!("job {id} has no cgroup")))?
+            .ok_or_else(|| ApiError::conflict(format!("job {id} has no cgroup")))?;
+        (cgroup, e.runtime.sched)
     };
-    let result = tokio::task::spawn_blocking(move || {
-        let cg = cgroup.lock().expect("cgroup lock");
-        if freeze { cg.freeze() } else { cg.thaw() }
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
-    result.map_err(|e| ApiError::internal(format!("job {id}: {e}")))?;
+    // With --slots, a thawed job joins the runqueue again and stays frozen, waiting,
+    // unless it gets a slot.
+    let (waits, decisions) = match (freeze, sched) {
+        (false, Some(params)) => {
+            let (runs, decisions) = super::sched::owner_thawed(d, id, params);
+            (!runs, decisions)
+        }
+        _ => (false, Vec::new()),
+    };
+    if !waits {
+        let result = tokio::task::spawn_blocking(move || {
+            let cg = cgroup.lock().expect("cgroup lock");
+            if freeze { cg.freeze() } else { cg.thaw() }
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        result.map_err(|e| ApiError::internal(format!("job {id}: {e}")))?;
+    }
+    // A frozen job leaves the runqueue: its slot goes to a waiting one.
+    let decisions = if freeze && sched.is_some() {
+        super::sched::owner_froze(d, id)
+    } else {
+        decisions
+    };
     let (info, record) = {
         let mut jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs.get_mut(id).ok_or_else(|| no_such_job(id))?;
@@ -387,6 +407,7 @@ pub async fn set_frozen(
             e.info.state = to;
             e.state_tx.send_replace(to);
         }
+        e.info.waiting = waits;
         (e.info.clone(), e.record())
     };
     let (action, undo, kind) = if freeze {
@@ -415,6 +436,7 @@ pub async fn set_frozen(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     d.events
         .emit(kind, Some(id), info.lease.as_deref(), String::new());
+    super::sched::apply(d, decisions).await;
     Ok(info)
 }
 

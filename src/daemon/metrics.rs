@@ -23,6 +23,10 @@ pub struct Metrics {
     spawn_sum_us: AtomicU64,
     spawn_failures: AtomicU64,
     operations: AtomicU64,
+    /// Slots the runqueue took from a job (preempted, turn ended).
+    pub preemptions: AtomicU64,
+    /// Throttled periods of deadline-class jobs (runtime used up: overruns).
+    pub deadline_overruns: AtomicU64,
     ended: Mutex<BTreeMap<&'static str, u64>>,
     denials: Mutex<BTreeMap<String, u64>>,
 }
@@ -157,6 +161,21 @@ pub fn render(d: &Daemon) -> String {
         "agentd_operations_written_total {}",
         m.operations.load(Ordering::Relaxed)
     );
+    for (name, help, v) in [
+        (
+            "agentd_sched_preemptions_total",
+            "Slots the runqueue took from jobs (frozen for another job).",
+            &m.preemptions,
+        ),
+        (
+            "agentd_sched_deadline_overruns_total",
+            "Periods in which a deadline job used up its runtime and was throttled (cpu.stat nr_throttled).",
+            &m.deadline_overruns,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
     family(
         &mut out,
         "agentd_denials_total",

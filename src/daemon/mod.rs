@@ -56,6 +56,10 @@ pub struct ServeOptions {
     /// CPUs the supervisor hands to jobs (deadline bandwidth is admitted within it);
     /// None: 95% of the host's.
     pub cpu_budget: Option<f64>,
+    /// Jobs that may run at once (the others wait, frozen); None: no limit.
+    pub slots: Option<usize>,
+    /// The runqueue's accounting period.
+    pub sched_tick: Duration,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -240,6 +244,8 @@ pub struct Daemon {
     pub classes: Arc<Accounting>,
     /// The jobs' scheduling classes: admission, queues (`agentctl sched`).
     pub sched: Mutex<crate::sched::Runqueue>,
+    /// Held while the runqueue's decisions are carried out (one batch at a time).
+    pub sched_apply: tokio::sync::Mutex<()>,
     /// The cgroup every job cgroup sits below, carrying the CPU budget.
     pub job_group: crate::cgroup::JobGroup,
 }
@@ -440,8 +446,9 @@ pub fn serve(opts: ServeOptions) -> i32 {
     }
     opts.cgroup_parent = Some(job_group.parent.clone());
     let daemon = Arc::new(Daemon {
-        sched: sched::new_runqueue(cpu_budget),
+        sched: sched::new_runqueue(cpu_budget, opts.slots),
         job_group: job_group.clone(),
+        sched_apply: tokio::sync::Mutex::new(()),
         opts,
         store,
         events: events::EventBus::with_accounting(classes.clone()),
@@ -471,6 +478,9 @@ pub fn serve(opts: ServeOptions) -> i32 {
         };
         tokio::spawn(leases::expiry_loop(daemon.clone()));
         tokio::spawn(selfview::refresh_loop(daemon.clone()));
+        if daemon.opts.slots.is_some() {
+            tokio::spawn(sched::tick_loop(daemon.clone()));
+        }
         systemd::notify_ready();
         tokio::spawn(systemd::watchdog_loop());
         tracing::info!(

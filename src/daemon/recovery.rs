@@ -127,7 +127,14 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
             tracing::warn!(job = %id, "job {id}: cannot serve its proxy again: {e}");
         }
         if let Some(params) = runtime.sched {
-            super::sched::started(d, id, params);
+            let decisions = {
+                let _jobs = d.jobs.lock().expect("jobs lock");
+                super::sched::started(d, id, params, info.state == JobState::Frozen)
+            };
+            // A job that waited under the last daemon is thawed if it gets a slot now
+            // (and frozen if it does not).
+            let d2 = d.clone();
+            tokio::spawn(async move { super::sched::apply(&d2, decisions).await });
         }
         super::selfview::open(d, id);
         super::selfview::refresh_soon(d, id);

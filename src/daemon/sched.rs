@@ -1,11 +1,25 @@
 //! The daemon's runqueue (src/sched/): admission of each job's class at submission
 //! (deadline bandwidth within the CPU budget, refused with the numbers), its place in
-//! the class's queue while it runs, and its release when it ends. Every job runs for
-//! now (the runqueue has as many slots as jobs: no job is frozen for another); the
-//! kernel shares the CPUs by what the class wrote to the job's cgroup (sched::kernel).
+//! the class's queue while it runs, and its release when it ends.
+//!
+//! Slots. With `--slots N` at most N jobs run at once; the runqueue hands the slots out
+//! by class (deadline, rt, fair, idle) and the daemon carries its decisions out: a job
+//! that loses its slot is frozen (cgroup freezer) and marked `waiting` (its state stays
+//! running: it is not frozen by its owner), a job that gets one is thawed. Every tick
+//! (`--sched-tick`) the running fair and idle jobs are charged the CPU time their
+//! cgroups accounted, so EEVDF rotates the fair slots by lag and virtual deadline. The
+//! deadline and rt classes' budgets are the kernel's to enforce (cpu.max on each job,
+//! written at creation), so they are charged nothing here and keep their slots while
+//! they run; their throttling is the kernel's, and shows as `deadline-overrun` events.
+//! Each preemption and resumption is an event and an operation row with its reason.
+//! Without `--slots` every admitted job runs and nothing is frozen.
 
-use super::Daemon;
-use crate::sched::{JobId, Runqueue, SchedParams};
+use super::{Daemon, daemon_op};
+use crate::api::types::{EventKind, JobState};
+use crate::sched::{Decision, JobId, Runqueue, SchedParams};
+use crate::store::WriteBatch;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The runqueue's id for a job (its 12 hex digits).
 pub fn job_key(id: &str) -> JobId {
@@ -30,11 +44,11 @@ pub fn job_group_name(state_dir: &std::path::Path) -> String {
     format!("agentd-jobs-{hex}")
 }
 
-pub fn new_runqueue(cpu_budget: f64) -> std::sync::Mutex<Runqueue> {
+pub fn new_runqueue(cpu_budget: f64, slots: Option<usize>) -> std::sync::Mutex<Runqueue> {
     // The rt class's own budget: half the CPU budget, every second.
     let rt_runtime = (cpu_budget * 0.5 * 1e9) as u64;
     std::sync::Mutex::new(Runqueue::new(
-        usize::MAX,
+        slots.unwrap_or(usize::MAX),
         cpu_budget,
         rt_runtime,
         crate::sched::NSEC_PER_SEC,
@@ -66,8 +80,11 @@ pub fn admit(d: &Daemon, id: &str, params: SchedParams) -> Result<String, String
     })
 }
 
-/// The job runs: it joins its class's queue (as running).
-pub fn started(d: &Daemon, id: &str, params: SchedParams) {
+/// The job runs: it joins its class's queue. With slots, it may have to wait: the
+/// decisions (for it and others) are for `apply`. A job its owner froze is admitted
+/// (bandwidth reserved) but not queued. (Called with the jobs lock held.)
+#[must_use]
+pub fn started(d: &Daemon, id: &str, params: SchedParams, frozen: bool) -> Vec<Decision> {
     let now = now_ns();
     let mut rq = d.sched.lock().expect("runqueue lock");
     let key = job_key(id);
@@ -78,18 +95,217 @@ pub fn started(d: &Daemon, id: &str, params: SchedParams) {
     {
         rq.force_admit(key, params);
     }
-    if let Err(e) = rq.enqueue(key, params, now) {
-        tracing::warn!(job = %id, "job {id}: not in the runqueue: {e}");
+    let out = match rq.enqueue(key, params, now) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::warn!(job = %id, "job {id}: not in the runqueue: {e}");
+            return Vec::new();
+        }
+    };
+    if frozen {
+        let mut out = out;
+        out.extend(rq.dequeue(key, now));
+        return out;
     }
+    let mut out = out;
+    if !rq.is_running(key) {
+        // No slot for it now: it waits.
+        out.push(Decision::Preempt {
+            job: key,
+            by: 0,
+            reason: "every slot is taken; it waits for its turn",
+        });
+    }
+    out
 }
 
-/// The job ended (or never started): its place and bandwidth go. (Called with the jobs
-/// lock held or not; the runqueue's lock is always taken after the jobs lock.)
-pub fn release(d: &Daemon, id: &str) {
+/// Its owner froze it: it leaves the queue (another job may take its slot).
+#[must_use]
+pub fn owner_froze(d: &Daemon, id: &str) -> Vec<Decision> {
     d.sched
         .lock()
         .expect("runqueue lock")
+        .dequeue(job_key(id), now_ns())
+}
+
+/// Its owner thawed it: it joins the queue again. Ok(true) if it holds a slot now (thaw
+/// it), Ok(false) if it waits (leave it frozen).
+pub fn owner_thawed(d: &Daemon, id: &str, params: SchedParams) -> (bool, Vec<Decision>) {
+    let mut rq = d.sched.lock().expect("runqueue lock");
+    let key = job_key(id);
+    let now = now_ns();
+    // Dequeued jobs keep their class entry; enqueue puts them back in the queue.
+    let mut decisions = rq.dequeue(key, now);
+    decisions.extend(rq.enqueue(key, params, now).unwrap_or_default());
+    (rq.is_running(key), decisions)
+}
+
+/// The job ended (or never started): its place and bandwidth go; a waiting job may get
+/// its slot. (Called with the jobs lock held or not; the runqueue's lock is always
+/// taken after the jobs lock.)
+pub fn release(d: &Arc<Daemon>, id: &str) {
+    let decisions = d
+        .sched
+        .lock()
+        .expect("runqueue lock")
         .complete(job_key(id), now_ns());
+    if !decisions.is_empty() {
+        let d = d.clone();
+        tokio::spawn(async move { apply(&d, decisions).await });
+    }
+}
+
+/// Carries decisions out: freezes the jobs that lost a slot, thaws those that got one,
+/// and records each change (event, operation row). One at a time, in order.
+pub async fn apply(d: &Arc<Daemon>, decisions: Vec<Decision>) {
+    if decisions.is_empty() {
+        return;
+    }
+    let _one_at_a_time = d.sched_apply.lock().await;
+    for decision in decisions {
+        let (key, run) = match decision {
+            Decision::Run { job, .. } => (job, true),
+            Decision::Preempt { job, .. } | Decision::Yield { job } => (job, false),
+            Decision::Throttle { job, .. } => (job, false),
+        };
+        // The job, if it still runs (not ended, not frozen by its owner).
+        let found = {
+            let jobs = d.jobs.lock().expect("jobs lock");
+            jobs.iter()
+                .find(|(id, _)| job_key(id) == key)
+                .filter(|(_, e)| e.info.state == JobState::Running)
+                .and_then(|(id, e)| Some((id.clone(), e.cgroup.clone()?, e.info.waiting)))
+        };
+        let Some((id, cgroup, waiting)) = found else {
+            continue;
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            let cg = cgroup.lock().expect("cgroup lock");
+            if run { cg.thaw() } else { cg.freeze() }
+        })
+        .await;
+        let outcome = match result {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(job = %id, "job {id}: the runqueue's decision failed: {e}");
+            continue;
+        }
+        if run != waiting {
+            continue; // no change: it ran (or waited) already
+        }
+        let record = {
+            let mut jobs = d.jobs.lock().expect("jobs lock");
+            let Some(e) = jobs.get_mut(&id) else { continue };
+            e.info.waiting = !run;
+            e.record()
+        };
+        let (action, kind, why, undo) = match decision {
+            Decision::Run { class, .. } => (
+                "sched.resume",
+                EventKind::Resumed,
+                format!("the runqueue gave it a slot (class {class:?})").to_lowercase(),
+                "none needed: the runqueue takes the slot back when another job's turn comes",
+            ),
+            Decision::Preempt { by, reason, .. } => (
+                "sched.preempt",
+                EventKind::Preempted,
+                if by == 0 {
+                    reason.to_owned()
+                } else {
+                    format!("{reason} (job {by:012x})")
+                },
+                "none needed: the runqueue thaws it when its turn comes",
+            ),
+            Decision::Yield { .. } => (
+                "sched.preempt",
+                EventKind::Preempted,
+                "its turn ended (slice used) and an eligible job with an earlier virtual deadline was waiting".to_owned(),
+                "none needed: the runqueue thaws it when its turn comes",
+            ),
+            Decision::Throttle { until, .. } => (
+                "sched.preempt",
+                EventKind::Preempted,
+                format!("its class's budget is spent until {until} ns"),
+                "none needed: the runqueue thaws it when the budget is replenished",
+            ),
+        };
+        if !run {
+            d.metrics
+                .preemptions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let op = daemon_op(
+            action,
+            &id,
+            format!("runqueue (--slots): {why}"),
+            serde_json::json!({"job": id, "waiting": {"before": waiting, "after": !run}}),
+            undo,
+        );
+        if let Err(e) = d.commit(WriteBatch::job(record, op)).await {
+            tracing::warn!(job = %id, "job {id}: cannot record the runqueue's decision: {e}");
+        }
+        d.events.emit(kind, Some(&id), None, why);
+    }
+}
+
+/// Every tick (with `--slots` only): charges the running fair and idle jobs the CPU
+/// time their cgroups accounted since the last tick, and carries out what the
+/// runqueue decides.
+pub async fn tick_loop(d: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(d.opts.sched_tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last: HashMap<JobId, u64> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let dd = d.clone();
+        let prev = std::mem::take(&mut last);
+        let Ok((decisions, seen)) =
+            tokio::task::spawn_blocking(move || tick_once(&dd, &prev)).await
+        else {
+            continue;
+        };
+        last = seen;
+        apply(&d, decisions).await;
+    }
+}
+
+/// One tick: (decisions, each running job's cgroup CPU time in µs now).
+fn tick_once(d: &Daemon, last: &HashMap<JobId, u64>) -> (Vec<Decision>, HashMap<JobId, u64>) {
+    // The running jobs the runqueue charges, and their cgroups (jobs lock, then the
+    // runqueue's, as everywhere).
+    let charged: Vec<(JobId, _)> = {
+        let jobs = d.jobs.lock().expect("jobs lock");
+        let rq = d.sched.lock().expect("runqueue lock");
+        jobs.iter()
+            .filter(|(_, e)| e.info.state == JobState::Running && !e.info.waiting)
+            .filter(|(_, e)| {
+                matches!(
+                    e.runtime.sched,
+                    Some(SchedParams::Fair { .. } | SchedParams::Idle)
+                )
+            })
+            .filter(|(id, _)| rq.is_running(job_key(id)))
+            .filter_map(|(id, e)| Some((job_key(id), e.cgroup.clone()?)))
+            .collect()
+    };
+    // Read outside the locks: a few small files per job.
+    let mut now_usage = HashMap::new();
+    for (key, cg) in charged {
+        if let Some(usec) = cg.lock().expect("cgroup lock").usage().cpu_usec {
+            now_usage.insert(key, usec);
+        }
+    }
+    let _jobs = d.jobs.lock().expect("jobs lock");
+    let mut rq = d.sched.lock().expect("runqueue lock");
+    let decisions = rq.tick(now_ns(), |key| {
+        match (now_usage.get(&key), last.get(&key)) {
+            (Some(now), Some(before)) => now.saturating_sub(*before) * 1000,
+            _ => 0,
+        }
+    });
+    (decisions, now_usage)
 }
 
 fn now_ns() -> u64 {
@@ -99,36 +315,54 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// GET /v1/sched: the budget, the admitted deadline bandwidth, and each job's class
-/// with its class's view of it.
+/// GET /v1/sched: the budget, the slots, and each job's class with its class's view of
+/// it (lag, virtual deadline, service...), whether it waits, and the CPU and throttled
+/// time its cgroup accounted.
 pub fn view(d: &Daemon) -> serde_json::Value {
     // The jobs lock first and alone: the daemon takes the runqueue's inside it.
-    let ids: std::collections::HashMap<JobId, String> = d
+    let jobs: HashMap<JobId, (String, bool, Option<_>)> = d
         .jobs
         .lock()
         .expect("jobs lock")
-        .keys()
-        .map(|id| (job_key(id), id.clone()))
+        .iter()
+        .map(|(id, e)| (job_key(id), (id.clone(), e.info.waiting, e.cgroup.clone())))
         .collect();
-    let rq = d.sched.lock().expect("runqueue lock");
-    let jobs: Vec<serde_json::Value> = rq
-        .describe()
+    let (described, budget, admitted, slots) = {
+        let rq = d.sched.lock().expect("runqueue lock");
+        (
+            rq.describe(),
+            rq.deadline().budget(),
+            rq.deadline().admitted_bandwidth(),
+            d.opts.slots,
+        )
+    };
+    let mut waiting = 0;
+    let jobs: Vec<serde_json::Value> = described
         .into_iter()
         .map(|mut j| {
             let key = j["job"].as_u64().unwrap_or(0);
-            j["job"] = serde_json::json!(
-                ids.get(&key)
-                    .cloned()
-                    .unwrap_or_else(|| format!("{key:012x}"))
-            );
+            let Some((id, waits, cgroup)) = jobs.get(&key) else {
+                j["job"] = serde_json::json!(format!("{key:012x}"));
+                return j;
+            };
+            j["job"] = serde_json::json!(id);
+            j["waiting"] = serde_json::json!(waits);
+            waiting += *waits as usize;
+            if let Some(cg) = cgroup {
+                let u = cg.lock().expect("cgroup lock").usage();
+                j["cpu_usec"] = serde_json::json!(u.cpu_usec);
+                j["throttled_usec"] = serde_json::json!(u.throttled_usec);
+            }
             j
         })
         .collect();
     serde_json::json!({
-        "cpu_budget": rq.deadline().budget(),
+        "cpu_budget": budget,
         "cpu_budget_enforced": d.job_group.budget_enforced.is_some(),
         "job_group": d.job_group.dirs,
-        "deadline_admitted": rq.deadline().admitted_bandwidth(),
+        "deadline_admitted": admitted,
+        "slots": slots,
+        "waiting": waiting,
         "jobs": jobs,
     })
 }

@@ -38,6 +38,7 @@ struct View {
     /// The counters that turn into events, as last seen.
     throttled_usec: Option<u64>,
     oom_kills: Option<u64>,
+    throttled_periods: Option<u64>,
     /// The parts of the job's start report the view shows (limits, grants), as compact
     /// JSON text: parsed again at each refresh, which costs less than keeping the
     /// parsed document for every running job.
@@ -100,6 +101,27 @@ pub fn refresh(d: &Daemon, id: &str) {
             d.events.emit(kind, Some(id), None, detail);
         }
     }
+    // A deadline job throttled in a period used up its runtime there: an overrun.
+    let periods = counter("usage/throttled_periods");
+    if files.get("sched/class").map(|c| c.trim()) == Some("deadline")
+        && let (Some(before), Some(now)) = (view.throttled_periods, periods)
+        && now > before
+    {
+        d.metrics
+            .deadline_overruns
+            .fetch_add(now - before, std::sync::atomic::Ordering::Relaxed);
+        d.events.emit(
+            EventKind::DeadlineOverrun,
+            Some(id),
+            None,
+            format!(
+                "used up its runtime in {} period(s) since the last look and was throttled until the next (cpu.max {})",
+                now - before,
+                files.get("sched/cpu_max").map_or("", |s| s.trim())
+            ),
+        );
+    }
+    view.throttled_periods = periods.or(view.throttled_periods);
     view.throttled_usec = throttled.or(view.throttled_usec);
     view.oom_kills = ooms.or(view.oom_kills);
     if let Err(e) = view.writer.write_changed(&dir, &files) {

@@ -168,6 +168,7 @@ pub async fn submit(
         report: None,
         snapshot: req.snapshot.clone(),
         tool_calls: Vec::new(),
+        waiting: false,
         review: review_source.clone().map(|source| ReviewInfo {
             state: ReviewState::Open,
             source,
@@ -442,7 +443,7 @@ async fn start(
             let latency = t0.elapsed();
             d.metrics.spawned(latency);
             let pidfd = Arc::new(pidfd);
-            let (info, record, cancel) = {
+            let (info, record, cancel, decisions) = {
                 let mut jobs = d.jobs.lock().expect("jobs lock");
                 let e = jobs.get_mut(id).expect("job entry exists while starting");
                 let cancel = e.runtime.cancel_reason.clone();
@@ -455,13 +456,14 @@ async fn start(
                 e.info.started_ms = Some(now_ms());
                 e.info.cgroup = e.runtime.cgroup_dirs.clone();
                 e.recharge();
-                if let Some(params) = e.runtime.sched {
-                    super::sched::started(d, id, params);
-                }
+                let decisions = match e.runtime.sched {
+                    Some(params) => super::sched::started(d, id, params, false),
+                    None => Vec::new(),
+                };
                 e.cgroup = Some(Arc::new(Mutex::new(s.cgroup)));
                 e.pidfd = Some(pidfd.clone());
                 e.state_tx.send_replace(JobState::Running);
-                (e.info.clone(), e.record(), cancel)
+                (e.info.clone(), e.record(), cancel, decisions)
             };
             let op = daemon_op(
                 "job.start",
@@ -480,6 +482,8 @@ async fn start(
                 info.lease.as_deref(),
                 format!("pid {}", s.pid),
             );
+            // With --slots: it may wait for a slot (frozen), or take one from a lower class.
+            super::sched::apply(d, decisions).await;
             // `proxy` mode: serve the endpoints the spawner bound in the job's namespace
             // (connections wait in their backlog until now). Without them the job has
             // no network it was promised: it is cancelled, saying why.

@@ -137,6 +137,7 @@ pub fn render(
             "peak_memory_bytes": u.peak_memory_bytes, "pids": u.pids,
             "pids_headroom": headroom(pids_limit, u.pids),
             "oom_kills": u.oom_kills, "throttled_usec": u.throttled_usec,
+            "throttled_periods": u.throttled_periods,
         },
         "pressure": {"cpu": pressure("cpu"), "memory": pressure("memory"), "io": pressure("io")},
         "sched": sched,

@@ -36,6 +36,7 @@ fn job(id: &str, state: JobState, submitted_ms: u64) -> JobRecord {
             review: None,
             snapshot: None,
             tool_calls: Vec::new(),
+            waiting: false,
         },
         runtime: json!({"cgroup_dir": "/sys/fs/cgroup/agentd/j1", "pidfd": null}),
     }

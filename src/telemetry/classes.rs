@@ -120,6 +120,7 @@ static SPECS: [ClassSpec; CLASSES] = [
             f("review", O),
             f("snapshot", O),
             f("tool_calls", O),
+            f("waiting", A),
         ],
     },
     ClassSpec {

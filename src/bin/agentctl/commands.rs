@@ -58,21 +58,64 @@ pub async fn sched(client: &Client, json: bool) -> Result<i32, Fail> {
                         "rt" => format!("priority {}", d["priority"]),
                         _ => "-".into(),
                     };
+                    let ms = |v: &serde_json::Value| match v.as_i64() {
+                        Some(n) => format!("{:.1}ms", n as f64 / 1e6),
+                        None => "-".into(),
+                    };
+                    let us = |v: &serde_json::Value| match v.as_u64() {
+                        Some(n) => format!("{:.1}ms", n as f64 / 1e3),
+                        None => "-".into(),
+                    };
+                    let state = if j["waiting"] == true {
+                        "waiting"
+                    } else if d["running"] == false && j["class"] == "fair" {
+                        "queued"
+                    } else {
+                        "running"
+                    };
                     vec![
                         j["job"].as_str().unwrap_or("").to_owned(),
                         j["class"].as_str().unwrap_or("").to_owned(),
+                        state.to_owned(),
                         params,
+                        ms(&d["service_ns"]),
+                        ms(&d["lag_ns"]),
+                        ms(&d["virtual_deadline_ns"]),
+                        us(&j["cpu_usec"]),
+                        us(&j["throttled_usec"]),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let slots = match view["slots"].as_u64() {
+        Some(n) => format!("{n} slots, {} job(s) waiting", view["waiting"]),
+        None => "no slot limit".into(),
+    };
     let mut text = format!(
-        "CPU budget {:.2} CPUs; deadline bandwidth admitted {:.4} CPUs\n",
+        "CPU budget {:.2} CPUs{}; deadline bandwidth admitted {:.4} CPUs; {slots}\n",
         view["cpu_budget"].as_f64().unwrap_or(0.0),
+        if view["cpu_budget_enforced"] == false {
+            " (not enforced: no cpu controller)"
+        } else {
+            ""
+        },
         view["deadline_admitted"].as_f64().unwrap_or(0.0)
     );
-    text.push_str(&table(&["JOB", "CLASS", "PARAMETERS"], &rows));
+    text.push_str(&table(
+        &[
+            "JOB",
+            "CLASS",
+            "STATE",
+            "PARAMETERS",
+            "SERVICE",
+            "LAG",
+            "VDEADLINE",
+            "CPU",
+            "THROTTLED",
+        ],
+        &rows,
+    ));
     emit(&text)?;
     Ok(0)
 }
@@ -192,7 +235,11 @@ pub async fn ps(client: &Client, all: bool, json: bool) -> Result<i32, Fail> {
         .map(|j| {
             vec![
                 j.id.clone(),
-                j.state.to_string(),
+                if j.waiting {
+                    format!("{} (waiting)", j.state)
+                } else {
+                    j.state.to_string()
+                },
                 age(j.submitted_ms, now),
                 or_dash(&j.policy),
                 or_dash(&j.agent),
@@ -223,7 +270,14 @@ pub async fn inspect(client: &Client, id: &str, json: bool) -> Result<i32, Fail>
 fn describe(j: &JobInfo, now: u64) -> String {
     let mut lines: Vec<(&str, String)> = vec![
         ("id", j.id.clone()),
-        ("state", j.state.to_string()),
+        (
+            "state",
+            if j.waiting {
+                format!("{} (waiting for a slot)", j.state)
+            } else {
+                j.state.to_string()
+            },
+        ),
         ("command", shell_join(&j.command)),
         ("policy", format!("{} (sha256 {})", j.policy, j.policy_hash)),
         ("agent", or_dash(&j.agent)),
