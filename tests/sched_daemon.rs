@@ -345,7 +345,7 @@ fn with_one_slot_the_waiting_job_is_frozen_uses_no_cpu_and_takes_its_turn() {
     // Turns rotate: each tick the running fair job's slice is used, and the waiting one
     // (eligible, earlier virtual deadline) takes the slot; both make progress.
     assert!(
-        eventually(8, || resumed(&a) + resumed(&b) >= 2),
+        eventually(12, || resumed(&a) + resumed(&b) >= 2),
         "no rotation: {:?}",
         d.audit()
             .iter()
@@ -401,6 +401,66 @@ fn with_one_slot_the_waiting_job_is_frozen_uses_no_cpu_and_takes_its_turn() {
     // A waiting job can be killed (it is thawed to take the signal).
     for id in [&a, &b] {
         d.ctl_ok(&["kill", id]);
+    }
+    for id in [&a, &b] {
+        d.wait_ended(id);
+    }
+}
+
+#[test]
+fn deadline_overruns_and_deadlines_missed_waiting_for_a_slot_are_events_and_metrics() {
+    let d = TestDaemon::start(&["--slots", "1", "--sched-tick", "100ms"]);
+    let policy = deadline_policy(&d);
+    let dl = |script: &str| {
+        d.run_detached(
+            &[
+                "--policy-file",
+                &policy,
+                "--class",
+                "deadline",
+                "--runtime",
+                "10ms",
+                "--deadline",
+                "100ms",
+                "--period",
+                "100ms",
+            ],
+            &["sh", "-c", script],
+        )
+    };
+    // A spins: every period it uses up its 10 ms and cpu.max throttles it (overruns).
+    let a = dl("while :; do :; done");
+    // B arrives with a later deadline and no free slot: it waits, and each period that
+    // passes is a missed deadline.
+    let b = dl("sleep 60");
+    let kinds = |id: &str| -> Vec<String> {
+        d.events()
+            .iter()
+            .filter(|e| e["job"] == id)
+            .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let ok = eventually(6, || {
+        kinds(&a).iter().any(|k| k == "deadline-overrun")
+            && kinds(&b).iter().any(|k| k == "deadline-miss")
+    });
+    assert!(ok, "a: {:?}\nb: {:?}", kinds(&a), kinds(&b));
+    assert_eq!(d.job(&b)["waiting"], true, "{}", d.job(&b));
+    assert_eq!(d.job(&a)["waiting"], Value::Null, "{}", d.job(&a));
+    let metrics = d.get("/metrics").text();
+    for name in [
+        "agentd_sched_deadline_overruns_total",
+        "agentd_sched_deadline_misses_total",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("{name} ")) && !l.ends_with(" 0")),
+            "{name}: {metrics}"
+        );
+    }
+    for id in [&a, &b] {
+        d.ctl_ok(&["kill", "--signal", "KILL", id]);
     }
     for id in [&a, &b] {
         d.wait_ended(id);

@@ -451,6 +451,9 @@ pub enum EventKind {
     /// A deadline job used its runtime within a period and the kernel throttled it
     /// (cpu.max): `detail` counts the periods since the last look.
     DeadlineOverrun,
+    /// A deadline job waited for a slot (`--slots`) through whole periods: each such
+    /// period's deadline passed without its runtime (`detail` counts them).
+    DeadlineMiss,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

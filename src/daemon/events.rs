@@ -155,6 +155,7 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::Preempted => "preempted",
         EventKind::Resumed => "resumed",
         EventKind::DeadlineOverrun => "deadline-overrun",
+        EventKind::DeadlineMiss => "deadline-miss",
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub preemptions: AtomicU64,
     /// Throttled periods of deadline-class jobs (runtime used up: overruns).
     pub deadline_overruns: AtomicU64,
+    /// Periods a deadline job spent waiting for a slot (missed deadlines).
+    pub deadline_misses: AtomicU64,
     ended: Mutex<BTreeMap<&'static str, u64>>,
     denials: Mutex<BTreeMap<String, u64>>,
 }
@@ -171,6 +173,11 @@ pub fn render(d: &Daemon) -> String {
             "agentd_sched_deadline_overruns_total",
             "Periods in which a deadline job used up its runtime and was throttled (cpu.stat nr_throttled).",
             &m.deadline_overruns,
+        ),
+        (
+            "agentd_sched_deadline_misses_total",
+            "Periods a deadline job waited through for a slot (--slots), each a missed deadline.",
+            &m.deadline_misses,
         ),
     ] {
         family(&mut out, name, "counter", help);

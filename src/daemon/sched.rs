@@ -257,8 +257,11 @@ pub async fn tick_loop(d: Arc<Daemon>) {
     let mut tick = tokio::time::interval(d.opts.sched_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last: HashMap<JobId, u64> = HashMap::new();
+    // Deadline jobs waiting for a slot: since when (ns), and the misses counted so far.
+    let mut starved: HashMap<String, (u64, u64)> = HashMap::new();
     loop {
         tick.tick().await;
+        count_misses(&d, &mut starved);
         let dd = d.clone();
         let prev = std::mem::take(&mut last);
         let Ok((decisions, seen)) =
@@ -271,22 +274,58 @@ pub async fn tick_loop(d: Arc<Daemon>) {
     }
 }
 
+/// A deadline job that waits for a slot misses a deadline for each whole period that
+/// passes: an event and the metric for each tick that adds some.
+fn count_misses(d: &Daemon, starved: &mut HashMap<String, (u64, u64)>) {
+    let now = now_ns();
+    let waiting: Vec<(String, u64)> = d
+        .jobs
+        .lock()
+        .expect("jobs lock")
+        .iter()
+        .filter(|(_, e)| e.info.state == JobState::Running && e.info.waiting)
+        .filter_map(|(id, e)| match e.runtime.sched {
+            Some(SchedParams::Deadline { period, .. }) => Some((id.clone(), period.max(1))),
+            _ => None,
+        })
+        .collect();
+    starved.retain(|id, _| waiting.iter().any(|(w, _)| w == id));
+    for (id, period) in waiting {
+        let (since, counted) = *starved.entry(id.clone()).or_insert((now, 0));
+        let missed = (now - since) / period;
+        if missed > counted {
+            starved.insert(id.clone(), (since, missed));
+            d.metrics
+                .deadline_misses
+                .fetch_add(missed - counted, std::sync::atomic::Ordering::Relaxed);
+            d.events.emit(
+                EventKind::DeadlineMiss,
+                Some(&id),
+                None,
+                format!(
+                    "{} period(s) of {:.1} ms passed while it waited for a slot ({missed} since it began to wait)",
+                    missed - counted,
+                    period as f64 / 1e6
+                ),
+            );
+        }
+    }
+}
+
 /// One tick: (decisions, each running job's cgroup CPU time in µs now).
 fn tick_once(d: &Daemon, last: &HashMap<JobId, u64>) -> (Vec<Decision>, HashMap<JobId, u64>) {
-    // The running jobs the runqueue charges, and their cgroups (jobs lock, then the
-    // runqueue's, as everywhere).
+    // The fair and idle jobs and their cgroups: the running ones are charged; the
+    // waiting ones' usage (still while frozen) is the base for their first turn.
     let charged: Vec<(JobId, _)> = {
         let jobs = d.jobs.lock().expect("jobs lock");
-        let rq = d.sched.lock().expect("runqueue lock");
         jobs.iter()
-            .filter(|(_, e)| e.info.state == JobState::Running && !e.info.waiting)
+            .filter(|(_, e)| e.info.state == JobState::Running)
             .filter(|(_, e)| {
                 matches!(
                     e.runtime.sched,
                     Some(SchedParams::Fair { .. } | SchedParams::Idle)
                 )
             })
-            .filter(|(id, _)| rq.is_running(job_key(id)))
             .filter_map(|(id, e)| Some((job_key(id), e.cgroup.clone()?)))
             .collect()
     };

@@ -282,6 +282,9 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
             .unwrap_or("--class");
         flag_err(flag, m.clone())
     })?;
+    let kernel_deadline =
+        spec::sched::kernel_deadline(&policy.sched, &policy.name, &options.sched, &sched)
+            .map_err(|m| flag_err("--kernel-deadline", m))?;
     let sched_cgroup = crate::sched::kernel::CgroupSched::of(&sched, policy.sched.rt_cpus);
     // A fair job that asked for its own slice (or whose policy did) gets it from the
     // kernel too, where the kernel honours one; elsewhere that is recorded, not fatal
@@ -335,6 +338,7 @@ pub fn validate(options: RunOptions) -> Result<JobPlan, Error> {
         &egress,
     )?;
     sandbox.eevdf_slice = kernel_slice.as_ref().and_then(|k| k.as_ref().ok().copied());
+    sandbox.kernel_deadline = kernel_deadline;
     Ok(JobPlan {
         landlock_dropped: super::landlock::rights_dropped(landlock_abi),
         policy,
@@ -652,6 +656,7 @@ fn build_sandbox_plan(
         nofile: None,
         fault: None,
         eevdf_slice: None,
+        kernel_deadline: None,
     })
 }
 

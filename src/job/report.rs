@@ -288,6 +288,11 @@ impl JobReport {
                     Some(Err(why)) => s["kernel_slice"] = serde_json::json!(why),
                     None => {}
                 }
+                if let Some((r, dl, p)) = plan.sandbox.kernel_deadline {
+                    s["kernel_deadline"] = serde_json::json!(format!(
+                        "SCHED_DEADLINE on the main process: runtime {r} ns, deadline {dl} ns, period {p} ns; reset on fork, SIGXCPU on overrun"
+                    ));
+                }
                 s
             },
             enforced: Enforced {

@@ -111,7 +111,7 @@ pub enum SpawnError {
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("{0}")]
     Landlock(String),
-    #[error("cannot give the job its EEVDF slice: {0}")]
+    #[error("cannot set the job's kernel scheduling: {0}")]
     Sched(String),
     #[error("injected fault at {0}")]
     Fault(&'static str),
@@ -323,6 +323,23 @@ pub fn spawn(
     cgroup.attach(child.pid)?;
     release(&sync_write)?;
     drop(helper);
+    // Handshake 4, `--kernel-deadline` only: SCHED_DEADLINE on the main process, which
+    // init has forked and which waits on the pipe before it execs (only the supervisor
+    // may set it: it needs CAP_SYS_NICE in the host's namespace). A refusal fails the
+    // job before any of its code ran (fail closed), with the kernel's reason explained.
+    if let Some((runtime, deadline, period)) = plan.kernel_deadline {
+        let main =
+            crate::sched::attr::main_process_of(child.pid, std::time::Duration::from_secs(5))
+                .ok_or_else(|| {
+                    SpawnError::Sched(
+                        "--kernel-deadline: the job's main process did not appear within 5 s"
+                            .into(),
+                    )
+                })?;
+        crate::sched::attr::set_deadline(main, runtime, deadline, period)
+            .map_err(SpawnError::Sched)?;
+        release(&sync_write)?;
+    }
     Ok(child)
 }
 

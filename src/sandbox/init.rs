@@ -12,16 +12,19 @@
 use super::handshake::{MSG_EXEC_FAILED, MSG_EXITED, send, send_setup_failed};
 use super::{ExecArrays, OutputRelay, SandboxPlan, SetupError, Step, check};
 
+/// `hold`: the parent's pipe, where the main process waits for one more byte before it
+/// execs (`--kernel-deadline`: the parent puts it under SCHED_DEADLINE first); -1: none.
 pub fn run(
     plan: &SandboxPlan,
     exec: &ExecArrays,
     status_fd: i32,
+    hold: i32,
 ) -> Result<std::convert::Infallible, SetupError> {
     // Init keeps only stdio, the status channel and the log files: the cgroup and mount
     // fds the parent prepared are no business of the job's.
-    let mut keep = [status_fd, -1, -1, -1];
+    let mut keep = [status_fd, -1, -1, -1, hold];
     if let Some(o) = &plan.output {
-        keep[1..].copy_from_slice(&[o.stdin, o.stdout_log, o.stderr_log]);
+        keep[1..4].copy_from_slice(&[o.stdin, o.stdout_log, o.stderr_log]);
     }
     close_all_except(&mut keep);
     // A name of its own: init is a copy of agentd, and `pkill agentd` meant for the
@@ -52,7 +55,16 @@ pub fn run(
                 libc::dup2(err[1], 2);
             }
         }
+        if hold >= 0 {
+            // Not one instruction of the job before the parent has set its policy (or
+            // given up: EOF ends this process with 125).
+            super::wait_for_parent(hold);
+        }
         exec_main(plan, exec, status_fd);
+    }
+    if hold >= 0 {
+        // SAFETY: closing init's copy of the parent's pipe.
+        unsafe { libc::close(hold) };
     }
     // The job runs as the same uid as init: make init's /proc entries (its fds, the
     // status channel and logs among them) unreachable for it.

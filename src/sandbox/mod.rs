@@ -81,6 +81,9 @@ pub struct SandboxPlan {
     /// by every process of the job): a fair job that asked for its own slice, on a
     /// kernel that honours one.
     pub eevdf_slice: Option<u64>,
+    /// SCHED_DEADLINE (runtime, deadline, period in ns) for the job's main process, set
+    /// by the supervisor once init has forked it (`--kernel-deadline`).
+    pub kernel_deadline: Option<(u64, u64, u64)>,
 }
 
 /// Descriptors the parent opened for a job whose output goes to log files (see
@@ -303,7 +306,7 @@ pub fn child_main(plan: &SandboxPlan, exec: &ExecArrays, pipes: ChildPipes) -> !
 
 /// Blocks until the parent writes one byte; exits quietly on EOF (the parent failed and
 /// reports that itself).
-fn wait_for_parent(sync_read: RawFd) {
+pub(super) fn wait_for_parent(sync_read: RawFd) {
     let mut byte = [0u8; 1];
     // SAFETY: reading one byte into a local buffer.
     if unsafe { libc::read(sync_read, byte.as_mut_ptr().cast(), 1) } != 1 {
@@ -375,8 +378,15 @@ fn setup(
     //    ruleset meanwhile (a v1 migration costs an RCU grace period, so it overlaps the
     //    work above). No job code has run.
     wait_for_parent(pipes.sync_read);
-    // SAFETY: closing our copy of a pipe fd we own.
-    unsafe { libc::close(pipes.sync_read) };
+    // With `--kernel-deadline` the main process waits for the parent once more, after
+    // the fork, while the parent puts it under SCHED_DEADLINE: it keeps the pipe.
+    let hold = if plan.kernel_deadline.is_some() {
+        pipes.sync_read
+    } else {
+        // SAFETY: closing our copy of a pipe fd we own.
+        unsafe { libc::close(pipes.sync_read) };
+        -1
+    };
     // A cgroup namespace rooted at the job's cgroup, now that we are inside all of them.
     // SAFETY: unshare with a constant flag.
     check(
@@ -397,7 +407,7 @@ fn setup(
     fault_point(plan, Step::AfterLandlock)?;
 
     // 7. Become the job's init; the main process installs seccomp and execs.
-    init::run(plan, exec, pipes.status_write)
+    init::run(plan, exec, pipes.status_write, hold)
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub struct SchedPolicy {
     /// CPUs an rt job's cgroup may use (its cpu.max), so even a runaway privileged job
     /// leaves the rest of the machine.
     pub rt_cpus: f64,
+    /// Whether a deadline job may ask for SCHED_DEADLINE on its main process
+    /// (`--kernel-deadline`).
+    pub allow_kernel_deadline: bool,
 }
 
 impl Default for SchedPolicy {
@@ -42,6 +45,7 @@ impl Default for SchedPolicy {
             period_ns: 0,
             priority: 10,
             rt_cpus: 0.5,
+            allow_kernel_deadline: false,
         }
     }
 }
@@ -60,6 +64,7 @@ pub(super) struct RawSched {
     period: Option<Spanned<UnitValue>>,
     priority: Option<Spanned<i64>>,
     rt_cpus: Option<Spanned<super::values::Number>>,
+    allow_kernel_deadline: Option<bool>,
 }
 
 pub fn class_of(name: &str) -> Result<ClassKind, String> {
@@ -200,6 +205,7 @@ impl RawSched {
             }
             s.rt_cpus = cpus;
         }
+        s.allow_kernel_deadline = self.allow_kernel_deadline.unwrap_or(false);
         Ok(s)
     }
 }
@@ -239,6 +245,13 @@ pub struct SchedRequest {
     #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
+    /// deadline: also run the job's main process under SCHED_DEADLINE with these
+    /// parameters (reset on fork: its children are ordinary tasks; SIGXCPU on each
+    /// overrun). For a single-threaded worker; the policy must allow it
+    /// (sched.allow_kernel_deadline).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kernel_deadline: bool,
 }
 
 impl SchedRequest {
@@ -328,4 +341,34 @@ pub fn resolve(
         }
         ClassKind::Idle => SchedParams::Idle,
     })
+}
+
+/// `--kernel-deadline`: the (runtime, deadline, period) in ns for SCHED_DEADLINE on the
+/// job's main process, if asked for and allowed.
+pub fn kernel_deadline(
+    policy: &SchedPolicy,
+    name: &str,
+    req: &SchedRequest,
+    params: &SchedParams,
+) -> Result<Option<(u64, u64, u64)>, String> {
+    if !req.kernel_deadline {
+        return Ok(None);
+    }
+    let SchedParams::Deadline {
+        runtime,
+        deadline,
+        period,
+    } = *params
+    else {
+        return Err(format!(
+            "--kernel-deadline is for the deadline class, and this job's class is {}",
+            class_name(params.class())
+        ));
+    };
+    if !policy.allow_kernel_deadline {
+        return Err(format!(
+            "--kernel-deadline: policy {name} does not allow SCHED_DEADLINE on a job's main process (sched.allow_kernel_deadline)"
+        ));
+    }
+    Ok(Some((runtime, deadline, period)))
 }
