@@ -95,7 +95,7 @@ pub fn started(d: &Daemon, id: &str, params: SchedParams, frozen: bool) -> Vec<D
     {
         rq.force_admit(key, params);
     }
-    let out = match rq.enqueue(key, params, now) {
+    let mut out = match rq.enqueue(key, params, now) {
         Ok(out) => out,
         Err(e) => {
             tracing::warn!(job = %id, "job {id}: not in the runqueue: {e}");
@@ -103,11 +103,9 @@ pub fn started(d: &Daemon, id: &str, params: SchedParams, frozen: bool) -> Vec<D
         }
     };
     if frozen {
-        let mut out = out;
         out.extend(rq.dequeue(key, now));
         return out;
     }
-    let mut out = out;
     if !rq.is_running(key) {
         // No slot for it now: it waits.
         out.push(Decision::Preempt {
@@ -128,8 +126,8 @@ pub fn owner_froze(d: &Daemon, id: &str) -> Vec<Decision> {
         .dequeue(job_key(id), now_ns())
 }
 
-/// Its owner thawed it: it joins the queue again. Ok(true) if it holds a slot now (thaw
-/// it), Ok(false) if it waits (leave it frozen).
+/// Its owner thawed it: it joins the queue again. (true, ...) if it holds a slot now
+/// (thaw it), (false, ...) if it waits (leave it frozen); and the decisions for others.
 pub fn owner_thawed(d: &Daemon, id: &str, params: SchedParams) -> (bool, Vec<Decision>) {
     let mut rq = d.sched.lock().expect("runqueue lock");
     let key = job_key(id);

@@ -213,6 +213,8 @@ async fn finish(d: &Arc<Daemon>, id: &str, pidfd: &OwnedFd, ours: bool, plan: Op
         };
         let ended = now_ms();
         e.info.state = state;
+        // No longer waiting for a slot: it has ended.
+        e.info.waiting = false;
         e.info.exit = Some(exit_info(&exit));
         e.info.ended_ms = Some(ended);
         super::review::job_ended(&mut e.info);
