@@ -292,9 +292,10 @@ fn the_budget_caps_all_jobs_together_and_the_api_answers_while_20_hogs_run() {
         worst < Duration::from_secs(2),
         "an API request took {worst:?} while 20 hogs ran"
     );
-    // Twenty hogs together get the budget, not the machine.
+    // Twenty hogs together get the budget, not the machine (the lower bound only says
+    // they ran: a busy host may give them less than the budget).
     assert!(
-        (0.5..=1.15).contains(&cpus),
+        (0.1..=1.15).contains(&cpus),
         "20 hogs used {cpus:.2} CPUs together; the budget is 1"
     );
 }
@@ -459,6 +460,41 @@ fn deadline_overruns_and_deadlines_missed_waiting_for_a_slot_are_events_and_metr
             "{name}: {metrics}"
         );
     }
+    for id in [&a, &b] {
+        d.ctl_ok(&["kill", "--signal", "KILL", id]);
+    }
+    for id in [&a, &b] {
+        d.wait_ended(id);
+    }
+}
+
+#[test]
+fn a_sleeping_job_gives_its_slot_up_and_queues_again_when_it_wakes() {
+    let d = TestDaemon::start(&["--slots", "1", "--sched-tick", "200ms"]);
+    let waiting = |id: &str| d.job(id)["waiting"] == true;
+    // A holds the only slot but sleeps (as an agent waiting for a model's answer does),
+    // then spins; B spins from the start.
+    let a = d.run_detached(&[], &["sh", "-c", "sleep 6; while :; do :; done"]);
+    let b = d.run_detached(&[], &["sh", "-c", "while :; do :; done"]);
+    // Asleep, A gives its slot up without being frozen: B gets it, neither waits, and
+    // `agentctl sched` shows A sleeping.
+    let mut table = String::new();
+    assert!(
+        eventually(5, || {
+            table = d.ctl_ok(&["sched"]);
+            !waiting(&a) && !waiting(&b) && table.contains("sleeping")
+        }),
+        "a: {}\nb: {}\n{table}",
+        d.job(&a),
+        d.job(&b)
+    );
+    // Awake and spinning, A queues for the slot again: one of the two waits.
+    assert!(
+        eventually(10, || waiting(&a) != waiting(&b)),
+        "a: {}\nb: {}",
+        d.job(&a),
+        d.job(&b)
+    );
     for id in [&a, &b] {
         d.ctl_ok(&["kill", "--signal", "KILL", id]);
     }

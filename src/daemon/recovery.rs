@@ -204,6 +204,7 @@ async fn adopt(d: &Arc<Daemon>, id: &str) -> bool {
         let mut jobs = d.jobs.lock().expect("jobs lock");
         let e = jobs.get_mut(id).expect("loaded above");
         e.info.state = state;
+        e.info.waiting = false;
         e.info.reason = Some(reason.clone());
         e.info.ended_ms = Some(now_ms());
         super::review::job_ended(&mut e.info);

@@ -255,6 +255,7 @@ pub async fn tick_loop(d: Arc<Daemon>) {
     let mut tick = tokio::time::interval(d.opts.sched_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last: HashMap<JobId, u64> = HashMap::new();
+    let mut asleep = std::collections::HashSet::new();
     // Deadline jobs waiting for a slot: since when (ns), and the misses counted so far.
     let mut starved: HashMap<String, (u64, u64)> = HashMap::new();
     loop {
@@ -262,12 +263,17 @@ pub async fn tick_loop(d: Arc<Daemon>) {
         count_misses(&d, &mut starved);
         let dd = d.clone();
         let prev = std::mem::take(&mut last);
-        let Ok((decisions, seen)) =
-            tokio::task::spawn_blocking(move || tick_once(&dd, &prev)).await
+        let mut sleepers = std::mem::take(&mut asleep);
+        let Ok((decisions, seen, sleepers)) = tokio::task::spawn_blocking(move || {
+            let (decisions, seen) = tick_once(&dd, &prev, &mut sleepers);
+            (decisions, seen, sleepers)
+        })
+        .await
         else {
             continue;
         };
         last = seen;
+        asleep = sleepers;
         apply(&d, decisions).await;
     }
 }
@@ -310,38 +316,77 @@ fn count_misses(d: &Daemon, starved: &mut HashMap<String, (u64, u64)>) {
     }
 }
 
-/// One tick: (decisions, each running job's cgroup CPU time in µs now).
-fn tick_once(d: &Daemon, last: &HashMap<JobId, u64>) -> (Vec<Decision>, HashMap<JobId, u64>) {
+/// A running fair or idle job that used less than this share of a tick is asleep
+/// (waiting on the network, a model's answer, a child): it gives its slot up without
+/// being frozen, as a task that blocks leaves the kernel's runqueue.
+const ASLEEP_SHARE: u64 = 100; // 1 %
+
+/// One tick: (decisions, each fair or idle job's cgroup CPU time in µs now). `asleep`:
+/// the jobs that gave their slot up because they slept (thawed, not queued); one that
+/// uses the CPU again wakes up and queues for a slot (and waits, frozen, if none).
+fn tick_once(
+    d: &Daemon,
+    last: &HashMap<JobId, u64>,
+    asleep: &mut std::collections::HashSet<JobId>,
+) -> (Vec<Decision>, HashMap<JobId, u64>) {
     // The fair and idle jobs and their cgroups: the running ones are charged; the
-    // waiting ones' usage (still while frozen) is the base for their first turn.
-    let charged: Vec<(JobId, _)> = {
+    // waiting ones' usage (still while frozen) is the base for their first turn; the
+    // sleeping ones' shows when they wake.
+    let charged: Vec<(JobId, SchedParams, _)> = {
         let jobs = d.jobs.lock().expect("jobs lock");
         jobs.iter()
             .filter(|(_, e)| e.info.state == JobState::Running)
-            .filter(|(_, e)| {
-                matches!(
-                    e.runtime.sched,
-                    Some(SchedParams::Fair { .. } | SchedParams::Idle)
-                )
+            .filter_map(|(id, e)| match e.runtime.sched {
+                Some(p @ (SchedParams::Fair { .. } | SchedParams::Idle)) => {
+                    Some((job_key(id), p, e.cgroup.clone()?))
+                }
+                _ => None,
             })
-            .filter_map(|(id, e)| Some((job_key(id), e.cgroup.clone()?)))
             .collect()
     };
     // Read outside the locks: a few small files per job.
     let mut now_usage = HashMap::new();
-    for (key, cg) in charged {
+    for (key, _, cg) in &charged {
         if let Some(usec) = cg.lock().expect("cgroup lock").usage().cpu_usec {
-            now_usage.insert(key, usec);
+            now_usage.insert(*key, usec);
         }
     }
+    // ns of CPU since the last tick, for jobs seen at both.
+    let used = |key: &JobId| -> Option<u64> {
+        Some(now_usage.get(key)?.saturating_sub(*last.get(key)?) * 1000)
+    };
+    let tick_ns = d.opts.sched_tick.as_nanos() as u64;
+    asleep.retain(|k| now_usage.contains_key(k));
     let _jobs = d.jobs.lock().expect("jobs lock");
     let mut rq = d.sched.lock().expect("runqueue lock");
-    let decisions = rq.tick(now_ns(), |key| {
-        match (now_usage.get(&key), last.get(&key)) {
-            (Some(now), Some(before)) => now.saturating_sub(*before) * 1000,
-            _ => 0,
+    let now = now_ns();
+    // Only a job that held its slot through the last tick can be seen asleep (one that
+    // got its slot just now used nothing while it waited).
+    let held: std::collections::HashSet<JobId> = charged
+        .iter()
+        .map(|(k, _, _)| *k)
+        .filter(|k| rq.is_running(*k))
+        .collect();
+    let mut decisions = rq.tick(now, |key| used(&key).unwrap_or(0));
+    for (key, params, _) in &charged {
+        let Some(ns) = used(key) else { continue };
+        let sleeping = ns < tick_ns / ASLEEP_SHARE;
+        if sleeping && held.contains(key) && rq.is_running(*key) {
+            // Asleep: its slot goes to a waiting job; it stays thawed.
+            decisions.extend(rq.dequeue(*key, now));
+            asleep.insert(*key);
+        } else if !sleeping && asleep.remove(key) {
+            // Awake again: it queues for a slot.
+            decisions.extend(rq.enqueue(*key, *params, now).unwrap_or_default());
+            if !rq.is_running(*key) {
+                decisions.push(Decision::Preempt {
+                    job: *key,
+                    by: 0,
+                    reason: "it woke from sleep and every slot is taken; it waits for its turn",
+                });
+            }
         }
-    });
+    }
     (decisions, now_usage)
 }
 

@@ -332,6 +332,7 @@ impl SchedClass for FairClass {
             "eligible": e.queued && self.eligible(e.vruntime),
             "virtual_deadline_ns": ((e.deadline - v) / 1024) as i64,
             "running": e.running,
+            "queued": e.queued,
         }))
     }
 }

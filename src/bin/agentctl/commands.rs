@@ -68,6 +68,8 @@ pub async fn sched(client: &Client, json: bool) -> Result<i32, Fail> {
                     };
                     let state = if j["waiting"] == true {
                         "waiting"
+                    } else if d["running"] == false && d["queued"] == false {
+                        "sleeping" // gave its slot up: it used (almost) no CPU
                     } else if d["running"] == false && j["class"] == "fair" {
                         "queued"
                     } else {
