@@ -14,6 +14,7 @@ pub mod host;
 pub mod job;
 pub mod mount_api;
 pub mod net;
+pub mod region;
 pub mod sandbox;
 pub mod sched;
 pub mod spec;

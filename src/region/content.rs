@@ -1,0 +1,265 @@
+//! Which bytes a region's page holds, and where they come from: its layer (own or
+//! inherited pages), else its base (a file, a published chunk, zeros). A `Content` is
+//! one generation's view, opened once per handle.
+
+use super::stats::Outcome;
+use super::store::{BASE, INHERITED, Manifest, RegionFiles};
+use super::{Base, CHUNK, PAGE, RegionInfo};
+use std::os::fd::AsRawFd;
+
+/// Why a page cannot be served now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fail {
+    /// Busy or slow: the fault may wait and try again (bounded).
+    Transient(String),
+    /// The access must fail.
+    Fatal(String),
+}
+
+/// A read-only mapping of a file, unmapped on drop.
+struct Mapped {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping owned by this value; only the kernel (UFFDIO_COPY) and
+// `read_page` read through it.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    fn file(f: &std::fs::File, len: u64) -> std::io::Result<Mapped> {
+        let len = len.max(PAGE) as usize;
+        // SAFETY: a shared read-only mapping of a file we hold open; pages past its end
+        // are never touched (sizes are checked before each use).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value made.
+        unsafe { libc::munmap(self.ptr as *mut _, self.len) };
+    }
+}
+
+enum BaseReader {
+    File {
+        path: String,
+        file: std::fs::File,
+        map: Mapped,
+    },
+    Chunks {
+        manifest: Manifest,
+        cached: Option<usize>,
+        buf: Vec<u8>,
+    },
+    Zero,
+}
+
+/// A run of pages from one source: `pages` pages starting at the asked one, copied from
+/// `bytes` (None: zeros). `bytes` stays valid until the next call on the same Content.
+pub struct Run {
+    pub class: Outcome,
+    pub pages: u64,
+    pub bytes: Option<*const u8>,
+}
+
+pub struct Content {
+    pub name: String,
+    pub size: u64,
+    pub pages: u64,
+    pub generation: u64,
+    base: BaseReader,
+    base_inherited: bool,
+    map: Vec<u8>,
+    layer: Option<Mapped>,
+    files: RegionFiles,
+}
+
+impl Content {
+    pub fn open(files: &RegionFiles, info: &RegionInfo) -> Result<Content, String> {
+        let pages = info.pages();
+        let base = match &info.base {
+            Base::Zero => BaseReader::Zero,
+            Base::File { path } => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| format!("cannot open the backing file {path}: {e}"))?;
+                let map = Mapped::file(&file, pages * PAGE)
+                    .map_err(|e| format!("cannot map the backing file {path}: {e}"))?;
+                BaseReader::File {
+                    path: path.clone(),
+                    file,
+                    map,
+                }
+            }
+            Base::Chunks { manifest } => BaseReader::Chunks {
+                manifest: files.manifest(manifest).map_err(|e| e.to_string())?,
+                cached: None,
+                buf: Vec::new(),
+            },
+        };
+        let map = files
+            .load_map(&info.name, pages)
+            .map_err(|e| e.to_string())?;
+        let layer = if map.iter().any(|&b| b != BASE) {
+            let path = files.layer_data(&info.name);
+            let f = std::fs::File::open(&path)
+                .map_err(|e| format!("cannot open the layer {}: {e}", path.display()))?;
+            Some(
+                Mapped::file(&f, pages * PAGE)
+                    .map_err(|e| format!("cannot map the layer {}: {e}", path.display()))?,
+            )
+        } else {
+            None
+        };
+        Ok(Content {
+            name: info.name.clone(),
+            size: info.size,
+            pages,
+            generation: info.generation,
+            base,
+            base_inherited: info.base_inherited,
+            map,
+            layer,
+            files: files.clone(),
+        })
+    }
+
+    /// The run of pages starting at `page` (at most `max`) that share a source.
+    pub fn run(&mut self, page: u64, max: u64) -> Result<Run, Fail> {
+        let max = max.min(self.pages - page).max(1);
+        let kind = self.map[page as usize];
+        let same = self.map[page as usize..(page + max) as usize]
+            .iter()
+            .take_while(|&&b| b == kind)
+            .count() as u64;
+        if kind != BASE {
+            let layer = self.layer.as_ref().expect("a layer page has a layer");
+            return Ok(Run {
+                class: if kind == INHERITED {
+                    Outcome::Cow
+                } else {
+                    Outcome::Fetch
+                },
+                pages: same,
+                // SAFETY: the layer mapping covers every page of the region.
+                bytes: Some(unsafe { layer.ptr.add((page * PAGE) as usize) }),
+            });
+        }
+        let class = if self.base_inherited {
+            Outcome::Cow
+        } else {
+            Outcome::Fetch
+        };
+        match &mut self.base {
+            BaseReader::Zero => Ok(Run {
+                class: Outcome::Zero,
+                pages: same,
+                bytes: None,
+            }),
+            BaseReader::File { path, file, map } => {
+                // The file is read as it is now: one that shrank fails the pages it no
+                // longer has instead of handing the job bytes that are not there.
+                let len = file
+                    .metadata()
+                    .map_err(|e| Fail::Transient(format!("cannot stat {path}: {e}")))?
+                    .len();
+                let have = len.div_ceil(PAGE);
+                if page >= have {
+                    return Err(Fail::Fatal(format!(
+                        "the backing file {path} is {len} bytes now, shorter than the region ({} bytes): it was truncated",
+                        self.size
+                    )));
+                }
+                Ok(Run {
+                    class,
+                    pages: same.min(have - page),
+                    // SAFETY: `page` is below the file's pages, within the mapping.
+                    bytes: Some(unsafe { map.ptr.add((page * PAGE) as usize) }),
+                })
+            }
+            BaseReader::Chunks {
+                manifest,
+                cached,
+                buf,
+            } => {
+                let per_chunk = CHUNK / PAGE;
+                let ci = (page / per_chunk) as usize;
+                let in_chunk = per_chunk - page % per_chunk;
+                let pages = same.min(in_chunk);
+                let Some(hash) = &manifest.chunks[ci] else {
+                    return Ok(Run {
+                        class: Outcome::Zero,
+                        pages,
+                        bytes: None,
+                    });
+                };
+                if *cached != Some(ci) {
+                    *cached = None;
+                    self.files.read_chunk(hash, buf).map_err(|why| {
+                        Fail::Fatal(format!("region {}: {why}", self.name))
+                    })?;
+                    // The last chunk may end mid-page: pad it to whole pages.
+                    buf.resize(CHUNK as usize, 0);
+                    *cached = Some(ci);
+                }
+                let at = (page % per_chunk) * PAGE;
+                Ok(Run {
+                    class,
+                    pages,
+                    // SAFETY: `buf` holds CHUNK bytes and `at` is a page within it.
+                    bytes: Some(unsafe { buf.as_ptr().add(at as usize) }),
+                })
+            }
+        }
+    }
+
+    /// Page `page`'s bytes copied into `out` (PAGE bytes), for write-back comparisons
+    /// and publishing.
+    pub fn read_page(&mut self, page: u64, out: &mut [u8]) -> Result<(), Fail> {
+        let run = self.run(page, 1)?;
+        match run.bytes {
+            None => out.fill(0),
+            Some(p) => {
+                if let BaseReader::File { file, .. } = &self.base
+                    && self.map[page as usize] == BASE
+                {
+                    // pread, not the mapping: a file that shrinks meanwhile gives a
+                    // short read here, not a SIGBUS in the daemon.
+                    use std::os::unix::fs::FileExt;
+                    out.fill(0);
+                    let mut got = 0;
+                    while got < out.len() {
+                        match file.read_at(&mut out[got..], page * PAGE + got as u64) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(Fail::Fatal(format!("read: {e}"))),
+                        }
+                    }
+                } else {
+                    // SAFETY: `run` points at a whole page of a mapping or chunk
+                    // buffer that lives as long as `self`.
+                    out.copy_from_slice(unsafe { std::slice::from_raw_parts(p, PAGE as usize) })
+                }
+            }
+        }
+        Ok(())
+    }
+}
