@@ -240,6 +240,10 @@ fn routes(d: Arc<Daemon>) -> Router {
         .route("/v1/leases", post(take_lease).get(list_leases))
         .route("/v1/leases/{id}/renew", post(renew_lease))
         .route("/v1/leases/{id}/release", post(release_lease))
+        .route("/v1/regions", post(create_region).get(list_regions))
+        .route("/v1/regions/{name}", get(get_region))
+        .route("/v1/regions/{name}/publish", post(publish_region))
+        .route("/v1/regions/{name}/revoke", post(revoke_region))
         .route("/v1/classes", get(classes))
         .route("/v1/sched", get(sched))
         .route("/metrics", get(metrics))
@@ -712,6 +716,49 @@ async fn sched(State(d): State<Arc<Daemon>>) -> axum::Json<serde_json::Value> {
 #[derive(serde::Deserialize)]
 struct ClassesQuery {
     job: Option<String>,
+}
+
+async fn create_region(State(d): State<Arc<Daemon>>, req: Request) -> Result<Response, ApiError> {
+    let (who, body) = json_body::<crate::api::types::RegionCreateRequest>(req).await?;
+    let v = to_the_end(async move { crate::daemon::regions::create(&d, body, who).await }).await?;
+    Ok((StatusCode::CREATED, axum::Json(v)).into_response())
+}
+
+async fn list_regions(
+    State(d): State<Arc<Daemon>>,
+    axum::extract::Query(q): axum::extract::Query<ClassesQuery>,
+) -> axum::Json<Vec<crate::api::types::RegionView>> {
+    axum::Json(d.regions.list(q.job.as_deref()))
+}
+
+async fn get_region(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ClassesQuery>,
+) -> ApiResult<crate::api::types::RegionView> {
+    d.regions.get(&name, q.job.as_deref()).map(axum::Json)
+}
+
+async fn publish_region(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> ApiResult<crate::api::types::RegionView> {
+    let who = peer(&req);
+    to_the_end(async move { crate::daemon::regions::publish(&d, &name, who).await })
+        .await
+        .map(axum::Json)
+}
+
+async fn revoke_region(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> ApiResult<crate::api::types::RegionView> {
+    let who = peer(&req);
+    to_the_end(async move { crate::daemon::regions::revoke(&d, &name, who).await })
+        .await
+        .map(axum::Json)
 }
 
 async fn classes(

@@ -79,6 +79,10 @@ pub struct SubmitRequest {
         skip_serializing_if = "crate::spec::sched::SchedRequest::is_empty"
     )]
     pub sched: crate::spec::sched::SchedRequest,
+    /// Regions the job may open: "NAME" (read-only) or "NAME:rw", each granted by the
+    /// policy's `[regions] allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
 }
 
 /// A job's lifecycle state. Transitions (one place: `daemon::lifecycle`):
@@ -218,6 +222,9 @@ pub struct JobInfo {
     /// `--slots` (not frozen by its owner: `state` stays running).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting: bool,
+    /// The regions the job was given: "NAME:ro" or "NAME:rw".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
 }
 
 /// One tool call a job recorded (POST /v1/self/tool-calls on its own socket).
@@ -406,6 +413,43 @@ pub struct LeaseInfo {
     pub jobs: Vec<String>,
 }
 
+/// POST /v1/regions: exactly one of `from_file`, `zero`, `clone`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionCreateRequest {
+    pub name: String,
+    /// An absolute path: the region serves this file's bytes (as they are when read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<String>,
+    /// A size ("1G", "4096"): a region of zeros.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero: Option<String>,
+    /// A parent region: a copy-on-write clone of its content as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<String>,
+}
+
+/// A failure a region's broker recorded (the access got SIGBUS).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionFailure {
+    pub time_ms: u64,
+    pub job: String,
+    pub offset: u64,
+    pub reason: String,
+}
+
+/// A region as GET /v1/regions/NAME shows it: its record, open handles, counters and
+/// its latest failures. With `?job=ID`, `stats` are that job's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionView {
+    #[serde(flatten)]
+    pub info: crate::region::RegionInfo,
+    pub handles: u64,
+    pub stats: crate::region::stats::StatsView,
+    #[serde(default)]
+    pub failures: Vec<RegionFailure>,
+}
+
 /// The typed lifecycle events of GET /v1/events (JSON lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -454,6 +498,10 @@ pub enum EventKind {
     /// A deadline job waited for a slot (`--slots`) through whole periods: each such
     /// period's deadline passed without its runtime (`detail` counts them).
     DeadlineMiss,
+    /// A region access of the job failed with SIGBUS (`detail`: region, offset, why).
+    RegionFailure,
+    /// A region was created, published or revoked (`detail` says which and how).
+    Region,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,6 +52,26 @@ enum Command {
         #[arg(long, env = "AGENTD_CGROUP_PARENT", value_name = "CGROUP")]
         cgroup_parent: Option<String>,
     },
+    /// Inside a job: use a region the job was given (agentctl run --region NAME).
+    #[command(subcommand)]
+    Region(RegionCommand),
+}
+
+#[derive(Subcommand)]
+enum RegionCommand {
+    /// Write LEN bytes of region NAME from OFFSET to stdout (default: all of it), read
+    /// lazily: only the pages these bytes are on are fetched. A byte the supervisor
+    /// cannot serve ends the command with SIGBUS and the reason on stderr.
+    #[command(after_help = "Examples (inside a job):\n  \
+        agentd region cat index 0 4096 | xxd | head\n  \
+        agentd region cat scratch > /tmp/copy\n\n\
+        Exit status: 0; 125 if the region cannot be opened (not given, revoked, no\n\
+        broker); killed by SIGBUS if an access fails.")]
+    Cat {
+        name: String,
+        offset: Option<u64>,
+        len: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -276,6 +296,9 @@ fn main() {
             sched_tick: a.sched_tick,
         }),
         Command::Spawner => agentd::daemon::spawner::spawner_main(),
+        Command::Region(RegionCommand::Cat { name, offset, len }) => {
+            agentd::region::cat::cat(&name, offset.unwrap_or(0), len)
+        }
         Command::Check {
             json,
             cgroup_parent,

@@ -156,6 +156,8 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::Resumed => "resumed",
         EventKind::DeadlineOverrun => "deadline-overrun",
         EventKind::DeadlineMiss => "deadline-miss",
+        EventKind::RegionFailure => "region-failure",
+        EventKind::Region => "region",
     }
 }
 

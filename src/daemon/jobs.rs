@@ -83,6 +83,7 @@ pub fn prune_ended(d: &Daemon) {
     let excess = ended.len() - keep;
     for (_, id) in ended.into_iter().take(excess) {
         jobs.remove(&id);
+        d.regions.forget_job(&id);
     }
 }
 

@@ -78,6 +78,15 @@ pub fn open(d: &Arc<Daemon>, id: &str) -> std::io::Result<()> {
         .lock()
         .expect("job sockets lock")
         .insert(id.to_owned(), task.abort_handle());
+    // The region broker's socket beside it, for a job given regions.
+    let grants = d
+        .jobs
+        .lock()
+        .expect("jobs lock")
+        .get(id)
+        .map(|e| e.runtime.regions.clone())
+        .unwrap_or_default();
+    super::regions::listen(d, id, &grants)?;
     Ok(())
 }
 
@@ -86,6 +95,7 @@ pub fn close(d: &Daemon, id: &str) {
     if let Some(task) = d.job_sockets.lock().expect("job sockets lock").remove(id) {
         task.abort();
     }
+    super::regions::stop(d, id);
     // First: no view refresh is under way or starts after this (see selfview::refresh).
     super::selfview::forget(d, id);
     let _ = std::fs::remove_dir_all(dir(d, id));

@@ -233,5 +233,90 @@ pub fn render(d: &Daemon) -> String {
         "Processes and threads in a running job's cgroup.",
     );
     out.push_str(&pids);
+    regions(d, &mut out);
     out
+}
+
+/// Region telemetry: per region, and per job and region.
+fn regions(d: &Daemon, out: &mut String) {
+    let (regions, jobs) = d.regions.all_stats();
+    family(
+        out,
+        "agentd_region_faults_total",
+        "counter",
+        "Faults a region's broker served, by outcome (zero, fetch, cow, retry, failure).",
+    );
+    for (r, s) in &regions {
+        for (outcome, n) in &s.faults {
+            let _ = writeln!(
+                out,
+                "agentd_region_faults_total{{region=\"{}\",outcome=\"{outcome}\"}} {n}",
+                label(r)
+            );
+        }
+    }
+    family(
+        out,
+        "agentd_region_bytes_total",
+        "counter",
+        "Bytes put into jobs' memory by a region's broker, by kind (fetched from its store, zeroed, copied from the parent).",
+    );
+    for (r, s) in &regions {
+        for (kind, n) in [("fetched", s.bytes_fetched), ("zeroed", s.bytes_zeroed), ("cow", s.bytes_cow)] {
+            let _ = writeln!(out, "agentd_region_bytes_total{{region=\"{}\",kind=\"{kind}\"}} {n}", label(r));
+        }
+    }
+    family(
+        out,
+        "agentd_region_readahead_pages_total",
+        "counter",
+        "Pages filled ahead of a sequential reader, and (hit=\"true\") those read without a fault.",
+    );
+    for (r, s) in &regions {
+        let _ = writeln!(out, "agentd_region_readahead_pages_total{{region=\"{}\",hit=\"false\"}} {}", label(r), s.readahead_pages);
+        let _ = writeln!(out, "agentd_region_readahead_pages_total{{region=\"{}\",hit=\"true\"}} {}", label(r), s.readahead_hits);
+    }
+    family(
+        out,
+        "agentd_region_fault_seconds",
+        "histogram",
+        "Time a region's broker took to serve a fault.",
+    );
+    for (r, s) in &regions {
+        for (le, n) in &s.latency_us_buckets {
+            let le = le.parse::<f64>().map_or("+Inf".to_owned(), |us| format!("{}", us / 1e6));
+            let _ = writeln!(out, "agentd_region_fault_seconds_bucket{{region=\"{}\",le=\"{le}\"}} {n}", label(r));
+        }
+        let _ = writeln!(out, "agentd_region_fault_seconds_sum{{region=\"{}\"}} {}", label(r), s.latency_us_sum as f64 / 1e6);
+        let _ = writeln!(out, "agentd_region_fault_seconds_count{{region=\"{}\"}} {}", label(r), s.faults_total());
+    }
+    family(
+        out,
+        "agentd_job_region_faults_total",
+        "counter",
+        "Faults a job's region handles took, by region and outcome.",
+    );
+    for (j, r, s) in &jobs {
+        for (outcome, n) in &s.faults {
+            let _ = writeln!(
+                out,
+                "agentd_job_region_faults_total{{job=\"{j}\",region=\"{}\",outcome=\"{outcome}\"}} {n}",
+                label(r)
+            );
+        }
+    }
+    family(
+        out,
+        "agentd_job_region_bytes_fetched_total",
+        "counter",
+        "Bytes a job's region handles fetched (from the region's store or its parent).",
+    );
+    for (j, r, s) in &jobs {
+        let _ = writeln!(
+            out,
+            "agentd_job_region_bytes_fetched_total{{job=\"{j}\",region=\"{}\"}} {}",
+            label(r),
+            s.bytes_fetched + s.bytes_cow
+        );
+    }
 }

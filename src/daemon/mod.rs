@@ -17,6 +17,7 @@ pub mod leases;
 pub mod lifecycle;
 pub mod metrics;
 pub mod recovery;
+pub mod regions;
 pub mod review;
 pub mod sched;
 pub mod selfview;
@@ -113,6 +114,10 @@ pub struct JobRuntime {
     /// Its scheduling class and parameters (admitted again after a restart).
     #[serde(default)]
     pub sched: Option<crate::sched::SchedParams>,
+    /// The regions it was given, and the rules that gave them (served again by a
+    /// restarted daemon).
+    #[serde(default)]
+    pub regions: Vec<crate::region::RegionGrant>,
 }
 
 /// One job as the daemon holds it.
@@ -248,6 +253,11 @@ pub struct Daemon {
     pub sched_apply: tokio::sync::Mutex<()>,
     /// The cgroup every job cgroup sits below, carrying the CPU budget.
     pub job_group: crate::cgroup::JobGroup,
+    /// Regions: their records, live state and counters, and the jobs' region sockets.
+    pub regions: regions::Regions,
+    /// The async runtime, for the threads outside it (region brokers) that record
+    /// operations.
+    pub rt: tokio::runtime::Handle,
 }
 
 impl Daemon {
@@ -445,7 +455,16 @@ pub fn serve(opts: ServeOptions) -> i32 {
         ),
     }
     opts.cgroup_parent = Some(job_group.parent.clone());
+    let regions = match regions::Regions::load(&store, &opts.state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot load the regions: {e}");
+            return 125;
+        }
+    };
     let daemon = Arc::new(Daemon {
+        regions,
+        rt: runtime.handle().clone(),
         sched: sched::new_runqueue(cpu_budget, opts.slots),
         job_group: job_group.clone(),
         sched_apply: tokio::sync::Mutex::new(()),

@@ -284,6 +284,7 @@ fn spawn_job(req: &SpawnRequest) -> Result<SpawnedJob, String> {
         job_gid: plan.ids.host_gid,
         quotas: plan.policy.quotas,
         sched: Some(plan.sched),
+        regions: Vec::new(),
     };
     Ok(SpawnedJob {
         pid,

@@ -124,6 +124,9 @@ pub async fn submit(
         return Err(ApiError::forbidden(why));
     }
 
+    // Its regions: each granted by the policy, at the access asked.
+    let region_grants = super::regions::grant(d, &req.regions, policy, &requester).await?;
+
     // A review job's source: the canonical directory (validation resolved it).
     let review_source = (req.workspace_mode == WorkspaceMode::Review)
         .then(|| plan.workspace.as_ref().map(|w| w.display().to_string()))
@@ -180,12 +183,17 @@ pub async fn submit(
             commit: None,
             snapshot: None,
         }),
+        regions: region_grants
+            .iter()
+            .map(|g| format!("{}:{}", g.name, if g.write { "rw" } else { "ro" }))
+            .collect(),
     };
     let runtime = JobRuntime {
         kill_grace_ms: policy.lifecycle.kill_grace.as_millis() as u64,
         policy_durable: policy.lifecycle.durable,
         timeout_ms: plan.limits.timeout.map(|t| t.as_millis() as u64),
         quotas: policy.quotas,
+        regions: region_grants,
         ..Default::default()
     };
     let entry = JobEntry::new(info.clone(), runtime, &d.classes);
@@ -450,6 +458,7 @@ async fn start(
                 let mut runtime = s.runtime;
                 runtime.cancel_reason = cancel.clone();
                 runtime.kill_at_ms = e.runtime.kill_at_ms;
+                runtime.regions = std::mem::take(&mut e.runtime.regions);
                 e.runtime = runtime;
                 e.info.state = JobState::Running;
                 e.info.pid = Some(s.pid);

@@ -16,6 +16,7 @@
 //! - `broker`: one handle's fault service (read-ahead, retries, failures, write-back).
 
 pub mod broker;
+pub mod cat;
 pub mod content;
 pub mod session;
 pub mod stats;

@@ -6,6 +6,7 @@
 //! silently widen or narrow it.
 
 pub mod quotas;
+pub mod regions;
 pub mod sched;
 mod units;
 mod values;
@@ -118,6 +119,8 @@ pub struct Policy {
     pub quotas: quotas::Quotas,
     /// Its scheduling class and what a job may ask for (`[sched]`).
     pub sched: sched::SchedPolicy,
+    /// The regions a job may be given (`[regions]`).
+    pub regions: Vec<regions::RegionRule>,
 }
 
 /// Which workspace handles a job of this policy may get.
@@ -196,6 +199,8 @@ struct RawPolicy {
     quotas: quotas::RawQuotas,
     #[serde(default)]
     sched: sched::RawSched,
+    #[serde(default)]
+    regions: regions::RawRegions,
 }
 
 #[derive(Deserialize, Default)]
@@ -660,6 +665,11 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         .parse()
         .map_err(|(span, key, m)| err(Some(span), key, m))?;
 
+    let regions = raw
+        .regions
+        .parse()
+        .map_err(|(span, key, m)| err(Some(span), key, m))?;
+
     Ok(Policy {
         name,
         source: origin.to_owned(),
@@ -684,6 +694,7 @@ pub fn parse_policy(text: &str, origin: &str, default_name: &str) -> Result<Poli
         workspace,
         quotas,
         sched,
+        regions,
     })
 }
 
@@ -832,6 +843,29 @@ mod tests {
             assert_eq!((e.key.as_str(), e.line), (key, Some(line)), "{e}");
         }
         let e = parse("[quotas]\nregions = 3\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn region_grants_parse_match_and_bad_ones_name_line_and_key() {
+        let p = parse("[regions]\nallow = [\"ctx-*:rw\", \"index\", \"big:ro\"]\n").unwrap();
+        assert_eq!(p.regions.len(), 3);
+        use regions::granting;
+        assert_eq!(granting(&p.regions, "ctx-1", true).unwrap().rule, "regions.allow[0]");
+        assert_eq!(granting(&p.regions, "index", false).unwrap().rule, "regions.allow[1]");
+        assert!(granting(&p.regions, "index", true).is_none(), "read-only grant");
+        assert!(granting(&p.regions, "indexes", false).is_none());
+        assert!(granting(&p.regions, "other", false).is_none());
+        assert!(parse("").unwrap().regions.is_empty(), "nothing by default");
+        for text in [
+            "[regions]\nallow = [\"a:wr\"]\n",
+            "[regions]\nallow = [\"../x\"]\n",
+            "[regions]\nallow = [\"a*b\"]\n",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!((e.key.as_str(), e.line), ("regions.allow", Some(2)), "{e}");
+        }
+        let e = parse("[regions]\ngrant = []\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
     }
 

@@ -42,7 +42,7 @@ mod tests;
 pub const DB_FILE: &str = "agentd.db";
 
 /// The schema this agentd writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for a lock held by another connection (an administrator's
 /// `sqlite3` shell, say) before it fails.
@@ -94,6 +94,14 @@ CREATE TABLE chain_head (
 );
 "#;
 
+/// Version 2: regions (userfaultfd-served byte ranges, `region::RegionInfo` as JSON).
+const SCHEMA_V2: &str = r#"
+CREATE TABLE regions (
+    name TEXT PRIMARY KEY NOT NULL,
+    info TEXT NOT NULL   -- JSON of region::RegionInfo
+);
+"#;
+
 const OPERATION_COLUMNS: &str =
     r#"seq, time_ms, requester, "action", target, authority, change, "rollback", prev_hash, hash"#;
 
@@ -112,6 +120,8 @@ pub struct WriteBatch {
     pub jobs: Vec<JobRecord>,
     /// The `jobs` field of a lease is not stored (it is derived from the jobs).
     pub leases: Vec<LeaseInfo>,
+    /// Regions to insert or replace.
+    pub regions: Vec<crate::region::RegionInfo>,
     pub ops: Vec<NewOperation>,
 }
 
@@ -389,6 +399,26 @@ impl Store {
         Ok(JobRecord { info, runtime })
     }
 
+    /// Every region, by name.
+    pub fn regions(&self) -> Result<Vec<crate::region::RegionInfo>, StoreError> {
+        let conn = self.reader();
+        let rows: Vec<(String, String)> = conn
+            .prepare_cached("SELECT name, info FROM regions ORDER BY name")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .map_err(self.read_err())?;
+        drop(conn);
+        rows.into_iter()
+            .map(|(name, info)| {
+                serde_json::from_str(&info).map_err(|e| {
+                    self.corrupt(format!("region {name}: its info is not valid: {e}"))
+                })
+            })
+            .collect()
+    }
+
     /// All leases, oldest first; their `jobs` field is empty (fill it from the jobs).
     pub fn leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
         let conn = self.reader();
@@ -598,12 +628,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         .map_err(open_err)?;
     match version {
         SCHEMA_VERSION => Ok(()),
-        0 => {
+        0 | 1 => {
             // user_version lives in the database header, so it commits with the tables.
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(open_err)?;
-            tx.execute_batch(SCHEMA_V1).map_err(open_err)?;
+            if version == 0 {
+                tx.execute_batch(SCHEMA_V1).map_err(open_err)?;
+            }
+            tx.execute_batch(SCHEMA_V2).map_err(open_err)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(open_err)?;
             tx.commit().map_err(open_err)

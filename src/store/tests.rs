@@ -130,15 +130,34 @@ fn newer_schema_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     drop(Store::open(tmp.path()).unwrap());
     raw(tmp.path())
-        .pragma_update(None, "user_version", 2)
+        .pragma_update(None, "user_version", 3)
         .unwrap();
     let err = Store::open(tmp.path()).err().unwrap();
-    assert!(matches!(err, StoreError::Schema { found: 2, .. }), "{err}");
+    assert!(matches!(err, StoreError::Schema { found: 3, .. }), "{err}");
     let msg = err.to_string();
     assert!(
-        msg.contains("agentd.db") && msg.contains("version 2"),
+        msg.contains("agentd.db") && msg.contains("version 3"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_version_1_store_gains_the_regions_table_and_keeps_its_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    store
+        .commit_blocking(WriteBatch::job(job("j1", JobState::Running, 1_000), op("job.submit", "j1")))
+        .unwrap();
+    drop(store);
+    // Back to what an agentd before regions wrote.
+    let conn = raw(tmp.path());
+    conn.execute_batch("DROP TABLE regions").unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+    drop(conn);
+    let store = Store::open(tmp.path()).unwrap();
+    assert!(store.job("j1").unwrap().is_some());
+    assert!(store.regions().unwrap().is_empty());
+    assert!(store.verify().unwrap().ok);
 }
 
 #[test]
@@ -152,6 +171,7 @@ fn commit_and_read_back() {
             jobs: vec![j1.clone(), job("j0", JobState::Exited, 1_000)],
             leases: vec![lease("lease-1")],
             ops: vec![op("lease.take", "lease-1"), op("job.submit", "j1")],
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(rows.len(), 2);
@@ -191,7 +211,7 @@ fn commit_and_read_back() {
         .commit_blocking(WriteBatch {
             jobs: vec![j1_done.clone()],
             leases: vec![l],
-            ops: vec![],
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(store.job("j1").unwrap(), Some(j1_done));

@@ -187,6 +187,16 @@ fn apply(
         })
         .map_err(|e| format!("lease {}: {e}", lease.id))?;
     }
+    for region in &batch.regions {
+        let info = serde_json::to_string(region)
+            .map_err(|e| format!("region {}: cannot encode it: {e}", region.name))?;
+        conn.prepare_cached(
+            "INSERT INTO regions (name, info) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET info = excluded.info",
+        )
+        .and_then(|mut st| st.execute(params![region.name, info]))
+        .map_err(|e| format!("region {}: {e}", region.name))?;
+    }
     let mut rows = Vec::with_capacity(batch.ops.len());
     for op in batch.ops {
         let row = OperationRow::seal(head.seq + 1, time_ms, &head.hash, op);

@@ -8,6 +8,7 @@
 
 mod commands;
 mod output;
+mod regions;
 mod review;
 mod run;
 
@@ -180,6 +181,10 @@ enum Command {
     /// Scheduling: the CPU budget, the deadline bandwidth admitted within it, and each
     /// running job's class with its parameters (JOB CLASS PARAMETERS).
     Sched,
+    /// Regions: byte ranges jobs map as memory, served lazily by the daemon
+    /// (userfaultfd): create, publish, revoke, inspect, list.
+    #[command(subcommand)]
+    Region(RegionCommand),
     /// Published snapshots: list, show, remove.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -233,6 +238,49 @@ enum Command {
     Metrics,
     /// Check that the daemon answers: prints its version and pid.
     Health,
+}
+
+#[derive(Subcommand)]
+enum RegionCommand {
+    /// Create a region from exactly one source: a file's bytes (read when a job
+    /// touches them), zeros, or a copy-on-write clone of another region.
+    #[command(after_help = "Examples:\n  \
+        agentctl region create index --from-file /srv/index.bin\n  \
+        agentctl region create scratch --zero 1G\n  \
+        agentctl region create index-try --clone index\n  \
+        agentctl run --region index --region index-try:rw -- ./agent")]
+    Create {
+        name: String,
+        /// Serve this file (absolute path; read as it is when a page is first touched:
+        /// `publish` freezes it).
+        #[arg(long, value_name = "FILE", group = "source")]
+        from_file: Option<PathBuf>,
+        /// A region of SIZE zero bytes (e.g. 1G).
+        #[arg(long, value_name = "SIZE", group = "source")]
+        zero: Option<String>,
+        /// A clone of PARENT's content as it is now; its writes never reach PARENT.
+        #[arg(long, value_name = "PARENT", group = "source")]
+        clone: Option<String>,
+    },
+    /// Freeze the region's content into the chunk store (shared by hash); its
+    /// generation moves on and handles of the old one fail at their next fault.
+    Publish { name: String },
+    /// Refuse new opens and fail open handles at their next fault (SIGBUS).
+    Revoke { name: String },
+    /// One region: its record, open handles, fault counters by outcome, bytes,
+    /// read-ahead, fault latency, latest failures.
+    Inspect {
+        name: String,
+        /// That job's counters instead of the region's.
+        #[arg(long, value_name = "JOB")]
+        job: Option<String>,
+    },
+    /// List regions: NAME SIZE GEN STATE BASE HANDLES FAULTS FETCHED.
+    Ls {
+        /// Only the regions job JOB used, with its counters.
+        #[arg(long, value_name = "JOB")]
+        job: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -335,6 +383,20 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
             SnapshotCommand::Ls => review::snapshot_ls(client, json).await,
             SnapshotCommand::Show { id } => review::snapshot_show(client, &id, json).await,
             SnapshotCommand::Rm { id } => review::snapshot_rm(client, &id, json).await,
+        },
+        Command::Region(r) => match r {
+            RegionCommand::Create {
+                name,
+                from_file,
+                zero,
+                clone,
+            } => regions::create(client, name, from_file, zero, clone, json).await,
+            RegionCommand::Publish { name } => regions::change(client, &name, "publish", json).await,
+            RegionCommand::Revoke { name } => regions::change(client, &name, "revoke", json).await,
+            RegionCommand::Inspect { name, job } => {
+                regions::inspect(client, &name, job.as_deref(), json).await
+            }
+            RegionCommand::Ls { job } => regions::ls(client, job.as_deref(), json).await,
         },
         Command::Reject { job } => review::undo(client, &job, "reject", json).await,
         Command::Rollback { job } => review::undo(client, &job, "rollback", json).await,

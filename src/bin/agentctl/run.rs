@@ -40,6 +40,11 @@ pub struct RunArgs {
     /// makes a new snapshot of the change).
     #[arg(long, value_name = "ID", conflicts_with = "workspace")]
     pub snapshot: Option<String>,
+    /// Give the job region NAME (read-only; NAME:rw to let it write): it opens it at
+    /// /run/agentd/regions.sock (libagentd_region, or `agentd region cat`). The policy's
+    /// [regions] allow must grant it. Repeatable.
+    #[arg(long = "region", value_name = "NAME[:rw]")]
+    pub regions: Vec<String>,
     /// Set KEY=VALUE in the job's environment, or pass KEY with agentctl's own value.
     /// Repeatable.
     #[arg(long = "env", value_name = "KEY[=VALUE]")]
@@ -238,6 +243,7 @@ fn submit_request(
         lease: None,
         durable: false,
         allow_degraded: args.allow_degraded.clone(),
+        regions: args.regions.clone(),
         net: args.net.clone(),
         allow_domain: args.allow_domain.clone(),
         allow_private: args.allow_private,
