@@ -20,7 +20,10 @@ struct Recorded {
 
 impl Hooks for Recorded {
     fn failed(&self, _job: &str, _region: &str, offset: u64, reason: &str) {
-        self.failures.lock().unwrap().push(format!("{offset}: {reason}"));
+        self.failures
+            .lock()
+            .unwrap()
+            .push(format!("{offset}: {reason}"));
     }
     fn written(&self, _: &str, _: &str, _: &[(u64, Vec<u8>)]) -> Result<(), String> {
         Ok(())
@@ -105,7 +108,11 @@ fn file_region_serves_sparse_reads_and_sequential_read_ahead() {
     let base = Base::File {
         path: file.display().to_string(),
     };
-    let (_l, live, hooks) = serve(dir.path(), info("f", data.len() as u64, base), Injected::default());
+    let (_l, live, hooks) = serve(
+        dir.path(),
+        info("f", data.len() as u64, base),
+        Injected::default(),
+    );
     let r = Region::open("f", false).unwrap();
     assert_eq!(r.len(), data.len() as u64);
     let s = r.as_slice();
@@ -120,8 +127,14 @@ fn file_region_serves_sparse_reads_and_sequential_read_ahead() {
     // Sequential: the whole first 8 MiB, with read-ahead.
     assert_eq!(&s[..8 << 20], &data[..8 << 20]);
     let st = live.stats.snapshot();
-    assert!(st.faults_total() < 200, "read-ahead serves most pages: {st:?}");
-    assert!(st.readahead_pages > 1500 && st.readahead_hits > 1000, "{st:?}");
+    assert!(
+        st.faults_total() < 200,
+        "read-ahead serves most pages: {st:?}"
+    );
+    assert!(
+        st.readahead_pages > 1500 && st.readahead_hits > 1000,
+        "{st:?}"
+    );
     assert!(hooks.failures.lock().unwrap().is_empty());
     drop(r);
 }
@@ -157,10 +170,16 @@ fn a_busy_store_is_retried_and_a_truncated_file_fails_with_sigbus_not_a_hang() {
         "{out:?}"
     );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("truncated"), "the reason reaches the job: {err}");
+    assert!(
+        err.contains("truncated"),
+        "the reason reaches the job: {err}"
+    );
     let failures = hooks.failures.lock().unwrap().clone();
     assert_eq!(failures.len(), 1, "{failures:?}");
-    assert!(failures[0].starts_with("524288: the backing file"), "{failures:?}");
+    assert!(
+        failures[0].starts_with("524288: the backing file"),
+        "{failures:?}"
+    );
     assert_eq!(live.stats.snapshot().faults["failure"], 1);
     // Bytes before the new end still read.
     assert_eq!(read_in_child(&[("READ_AT", "4096")]).status.code(), Some(0));
@@ -176,11 +195,12 @@ fn a_broker_that_stops_answering_and_dies_fails_the_access() {
     let (listener, _live, _hooks) = serve(dir.path(), info("z", 1 << 20, Base::Zero), stall);
     // The reader faults and waits; then the broker's side goes away: its handle's
     // connection is shut down, as a broker's death would close it.
-    let mut child = reader_cmd(&[("READ_AT", "8192")])
-        .spawn()
-        .unwrap();
+    let mut child = reader_cmd(&[("READ_AT", "8192")]).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    assert!(child.try_wait().unwrap().is_none(), "the access waits on the stalled broker");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the access waits on the stalled broker"
+    );
     drop(listener);
     close_broker_sockets();
     let t0 = std::time::Instant::now();
@@ -200,14 +220,22 @@ fn a_broker_that_stops_answering_and_dies_fails_the_access() {
 /// Shuts down this process's region sockets (the broker's side of every handle).
 fn close_broker_sockets() {
     for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-        let Ok(target) = std::fs::read_link(e.path()) else { continue };
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
         if target.to_string_lossy().starts_with("socket:") {
             let fd: i32 = e.file_name().to_string_lossy().parse().unwrap();
             let mut ty = 0i32;
             let mut len = 4u32;
             // SAFETY: getsockopt into a local int.
             let r = unsafe {
-                libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut ty).cast(), &mut len)
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_TYPE,
+                    (&raw mut ty).cast(),
+                    &mut len,
+                )
             };
             if r == 0 && ty == libc::SOCK_SEQPACKET {
                 // SAFETY: shutdown of a socket of this test process.
@@ -219,9 +247,16 @@ fn close_broker_sockets() {
 
 fn reader_cmd(env: &[(&str, &str)]) -> std::process::Command {
     let mut c = std::process::Command::new(std::env::current_exe().unwrap());
-    c.args(["--ignored", "--exact", "reader", "--nocapture", "--test-threads=1"]);
+    c.args([
+        "--ignored",
+        "--exact",
+        "reader",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
     c.envs(env.iter().copied());
-    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     c
 }
 

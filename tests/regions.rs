@@ -41,8 +41,17 @@ fn lib_dir() -> PathBuf {
             .args(["build", "--release", "--locked", "-p", "agentd-region-cabi"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
-            .unwrap_or_else(|e| panic!("{} is missing and {cargo} cannot build it: {e}", so.display()));
-        assert!(out.status.success(), "build libagentd_region.so: {}", common::daemon::show(&out));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} is missing and {cargo} cannot build it: {e}",
+                    so.display()
+                )
+            });
+        assert!(
+            out.status.success(),
+            "build libagentd_region.so: {}",
+            common::daemon::show(&out)
+        );
     }
     assert!(so.exists(), "{} is missing", so.display());
     dir
@@ -68,14 +77,22 @@ impl Lab {
         let bin = ws.join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         std::os::unix::fs::chown(&ws, Some(1000), Some(1000)).unwrap();
-        std::fs::copy(lib.join("libagentd_region.so"), bin.join("libagentd_region.so")).unwrap();
+        std::fs::copy(
+            lib.join("libagentd_region.so"),
+            bin.join("libagentd_region.so"),
+        )
+        .unwrap();
         std::fs::copy(common::AGENTD, bin.join("agentd")).unwrap();
         let probe = bin.join("region_probe");
         let out = std::process::Command::new("cc")
             .args(["-O2", "-Wall", "-o"])
             .arg(&probe)
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/region_probe.c"))
-            .arg(concat!("-I", env!("CARGO_MANIFEST_DIR"), "/crates/region-cabi/include"))
+            .arg(concat!(
+                "-I",
+                env!("CARGO_MANIFEST_DIR"),
+                "/crates/region-cabi/include"
+            ))
             .arg(format!("-L{}", bin.display()))
             .arg("-lagentd_region")
             .arg("-Wl,-rpath,$ORIGIN")
@@ -132,7 +149,9 @@ impl Lab {
     }
     fn err(&self, job: &Value) -> String {
         let id = job["id"].as_str().unwrap();
-        self.d.get(&format!("/v1/jobs/{id}/logs?stream=stderr")).text()
+        self.d
+            .get(&format!("/v1/jobs/{id}/logs?stream=stderr"))
+            .text()
     }
 
     fn region(&self, name: &str) -> Value {
@@ -161,7 +180,13 @@ fn a_job_touching_one_percent_of_a_1gib_file_region_fetches_about_that_and_reads
     let lab = Lab::start(&[]);
     let file = lab.d.path("big.bin");
     pattern_file(&file, 1 << 30);
-    lab.d.ctl_ok(&["region", "create", "data", "--from-file", file.to_str().unwrap()]);
+    lab.d.ctl_ok(&[
+        "region",
+        "create",
+        "data",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
     // One page in every hundred, each checked against the pattern inside the job.
     let j = lab.job(&["data"], &[&lab.probe(), "stride", "data", "100"]);
     assert_eq!(exit_code(&j), Some(0), "{j} {}", lab.err(&j));
@@ -175,29 +200,50 @@ fn a_job_touching_one_percent_of_a_1gib_file_region_fetches_about_that_and_reads
         "fetched {fetched} bytes of {total} (1% is {}): {v}",
         total / 100
     );
-    assert_eq!(v["stats"]["faults"]["fetch"].as_u64().unwrap(), pages, "{v}");
+    assert_eq!(
+        v["stats"]["faults"]["fetch"].as_u64().unwrap(),
+        pages,
+        "{v}"
+    );
     assert_eq!(v["stats"]["faults"]["failure"], 0);
     // The region's own counters saw the same, and so does /metrics.
-    assert_eq!(lab.region("data")["stats"]["bytes_fetched"].as_u64(), Some(fetched));
+    assert_eq!(
+        lab.region("data")["stats"]["bytes_fetched"].as_u64(),
+        Some(fetched)
+    );
     let metrics = lab.d.get("/metrics").text();
     assert!(
-        metrics.contains(&format!("agentd_region_bytes_total{{region=\"data\",kind=\"fetched\"}} {fetched}")),
+        metrics.contains(&format!(
+            "agentd_region_bytes_total{{region=\"data\",kind=\"fetched\"}} {fetched}"
+        )),
         "{}",
-        metrics.lines().filter(|l| l.contains("region")).collect::<Vec<_>>().join("\n")
+        metrics
+            .lines()
+            .filter(|l| l.contains("region"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // The open is an operation row, with the rule that granted it.
     let audit = lab.d.audit();
     let id = j["id"].as_str().unwrap();
     let opens = rows(&audit, "region.open", id);
     assert_eq!(opens.len(), 1, "{audit:?}");
-    assert!(opens[0]["authority"].as_str().unwrap().contains("regions.allow[1]"), "{}", opens[0]);
+    assert!(
+        opens[0]["authority"]
+            .as_str()
+            .unwrap()
+            .contains("regions.allow[1]"),
+        "{}",
+        opens[0]
+    );
     assert!(lab.d.verify()["ok"].as_bool().unwrap());
 }
 
 #[test]
 fn a_zero_region_reads_zeros_and_region_cat_reads_a_slice_lazily() {
     let lab = Lab::start(&[]);
-    lab.d.ctl_ok(&["region", "create", "zeros", "--zero", "64M"]);
+    lab.d
+        .ctl_ok(&["region", "create", "zeros", "--zero", "64M"]);
     let j = lab.job(&["zeros"], &[&lab.probe(), "sum", "zeros", "0", "67108864"]);
     assert_eq!(exit_code(&j), Some(0), "{j} {}", lab.err(&j));
     assert_eq!(lab.out(&j).trim(), "sum 0");
@@ -209,7 +255,13 @@ fn a_zero_region_reads_zeros_and_region_cat_reads_a_slice_lazily() {
     // `agentd region cat` in a shell job: a slice of a file region, byte for byte.
     let file = lab.d.path("small.bin");
     pattern_file(&file, 1 << 20);
-    lab.d.ctl_ok(&["region", "create", "small", "--from-file", file.to_str().unwrap()]);
+    lab.d.ctl_ok(&[
+        "region",
+        "create",
+        "small",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
     let cat = format!(
         "{} region cat small 100000 5000 | od -An -v -tu1 | tr -s ' ' '\\n' | grep -v '^$' | tail -1",
         lab.agentd()
@@ -218,7 +270,10 @@ fn a_zero_region_reads_zeros_and_region_cat_reads_a_slice_lazily() {
     assert_eq!(exit_code(&j), Some(0), "{j} {}", lab.err(&j));
     assert_eq!(lab.out(&j).trim(), pattern(104_999).to_string());
     let v = lab.job_region(&j, "small");
-    assert!(v["stats"]["bytes_fetched"].as_u64().unwrap() <= 128 << 10, "a slice, not the 1 MiB file: {v}");
+    assert!(
+        v["stats"]["bytes_fetched"].as_u64().unwrap() <= 128 << 10,
+        "a slice, not the 1 MiB file: {v}"
+    );
 }
 
 #[test]
@@ -227,13 +282,27 @@ fn a_clone_sees_its_parent_and_its_writes_never_reach_the_parent() {
     let file = lab.d.path("parent.bin");
     pattern_file(&file, 4 << 20);
     let before = std::fs::read(&file).unwrap();
-    lab.d.ctl_ok(&["region", "create", "parent", "--from-file", file.to_str().unwrap()]);
-    lab.d.ctl_ok(&["region", "create", "child", "--clone", "parent"]);
+    lab.d.ctl_ok(&[
+        "region",
+        "create",
+        "parent",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
+    lab.d
+        .ctl_ok(&["region", "create", "child", "--clone", "parent"]);
     // A job writes into the clone.
-    let j = lab.job(&["child:rw"], &[&lab.probe(), "write", "child", "8192", "hello clone"]);
+    let j = lab.job(
+        &["child:rw"],
+        &[&lab.probe(), "write", "child", "8192", "hello clone"],
+    );
     assert_eq!(exit_code(&j), Some(0), "{j} {}", lab.err(&j));
     let audit = lab.d.audit();
-    assert_eq!(rows(&audit, "region.write", "child").len(), 1, "the kept write is a row");
+    assert_eq!(
+        rows(&audit, "region.write", "child").len(),
+        1,
+        "the kept write is a row"
+    );
     assert_eq!(lab.region("child")["layer_pages"], 1);
     // The next job sees the clone's write there, and the parent's bytes elsewhere.
     let j = lab.job(&["child"], &[&lab.probe(), "text", "child", "8192", "11"]);
@@ -242,7 +311,10 @@ fn a_clone_sees_its_parent_and_its_writes_never_reach_the_parent() {
     // Page 2 (offset 8192) holds the write: the stride probe reads pages 0, 7, 14, ...
     assert_eq!(exit_code(&j2), Some(0), "{}", lab.out(&j2));
     let v = lab.job_region(&j2, "child");
-    assert!(v["stats"]["faults"]["cow"].as_u64().unwrap() > 0, "parent pages are copy-on-write: {v}");
+    assert!(
+        v["stats"]["faults"]["cow"].as_u64().unwrap() > 0,
+        "parent pages are copy-on-write: {v}"
+    );
     // The parent is untouched: in a job, and on disk.
     let j = lab.job(&["parent"], &[&lab.probe(), "sum", "parent", "8192", "11"]);
     let expect: u64 = (8192..8192 + 11).map(|o| pattern(o) as u64).sum();
@@ -253,7 +325,8 @@ fn a_clone_sees_its_parent_and_its_writes_never_reach_the_parent() {
     assert_eq!(exit_code(&j), Some(3));
     assert!(lab.err(&j).contains("read-only"), "{}", lab.err(&j));
     // Publishing the clone freezes its content into chunks: same bytes, new generation.
-    let v: Value = serde_json::from_str(&lab.d.ctl_ok(&["--json", "region", "publish", "child"])).unwrap();
+    let v: Value =
+        serde_json::from_str(&lab.d.ctl_ok(&["--json", "region", "publish", "child"])).unwrap();
     assert_eq!(v["generation"], 2);
     assert_eq!(v["base"]["kind"], "chunks");
     let j = lab.job(&["child"], &[&lab.probe(), "text", "child", "8192", "11"]);
@@ -271,8 +344,19 @@ fn a_failing_backing_store_gets_sigbus_in_the_job_and_a_recorded_failure_not_a_h
     let lab = Lab::start(&[]);
     let file = lab.d.path("short.bin");
     pattern_file(&file, 1 << 20);
-    lab.d.ctl_ok(&["region", "create", "short", "--from-file", file.to_str().unwrap()]);
-    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(64 << 10).unwrap();
+    lab.d.ctl_ok(&[
+        "region",
+        "create",
+        "short",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(64 << 10)
+        .unwrap();
     let t0 = Instant::now();
     let j = lab.job(&["short"], &[&lab.probe(), "sum", "short", "0", "1048576"]);
     assert!(t0.elapsed() < LIVENESS);
@@ -281,15 +365,31 @@ fn a_failing_backing_store_gets_sigbus_in_the_job_and_a_recorded_failure_not_a_h
     assert!(err.contains("SIGBUS") && err.contains("truncated"), "{err}");
     let v = lab.region("short");
     assert_eq!(v["stats"]["faults"]["failure"], 1, "{v}");
-    assert!(v["failures"][0]["reason"].as_str().unwrap().contains("truncated"));
+    assert!(
+        v["failures"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("truncated")
+    );
     let id = j["id"].as_str().unwrap();
     assert_eq!(rows(&lab.d.audit(), "region.fault-failed", id).len(), 1);
-    assert!(lab.d.events().iter().any(|e| e["kind"] == "region-failure" && e["job"] == id));
+    assert!(
+        lab.d
+            .events()
+            .iter()
+            .any(|e| e["kind"] == "region-failure" && e["job"] == id)
+    );
 
     // A corrupt chunk of a published region fails the same way, with its reason.
     let file = lab.d.path("pub.bin");
     pattern_file(&file, 1 << 20);
-    lab.d.ctl_ok(&["region", "create", "pub", "--from-file", file.to_str().unwrap()]);
+    lab.d.ctl_ok(&[
+        "region",
+        "create",
+        "pub",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
     lab.d.ctl_ok(&["region", "publish", "pub"]);
     let chunks = lab.d.state_dir().join("regions/chunks");
     let victim = walk(&chunks).into_iter().next().expect("a chunk");
@@ -316,9 +416,18 @@ fn revoke_invalidates_an_open_handle_and_refuses_new_opens() {
     let lab = Lab::start(&[]);
     let file = lab.d.path("r.bin");
     pattern_file(&file, 8 << 20);
-    lab.d.ctl_ok(&["region", "create", "r", "--from-file", file.to_str().unwrap()]);
+    lab.d.ctl_ok(&[
+        "region",
+        "create",
+        "r",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
     let go = lab.ws.join("go");
-    let id = lab.start_job(&["r"], &[&lab.probe(), "hold", "r", "4194304", go.to_str().unwrap()]);
+    let id = lab.start_job(
+        &["r"],
+        &[&lab.probe(), "hold", "r", "4194304", go.to_str().unwrap()],
+    );
     common::daemon::wait_for_output(&lab.d, &id, "opened");
     lab.d.ctl_ok(&["region", "revoke", "r"]);
     std::fs::write(&go, b"").unwrap();
@@ -326,9 +435,20 @@ fn revoke_invalidates_an_open_handle_and_refuses_new_opens() {
     assert_eq!(exit_signal(&j), Some(libc::SIGBUS as i64), "{j}");
     assert!(lab.err(&j).contains("revoked"), "{}", lab.err(&j));
     let v = lab.region("r");
-    assert_eq!((v["state"].as_str(), v["generation"].as_u64()), (Some("revoked"), Some(2)));
+    assert_eq!(
+        (v["state"].as_str(), v["generation"].as_u64()),
+        (Some("revoked"), Some(2))
+    );
     // A new job cannot be given it, and a running one cannot open it.
-    let out = lab.d.ctl(&["run", "--policy-file", &lab.policy, "--region", "r", "--", "true"]);
+    let out = lab.d.ctl(&[
+        "run",
+        "--policy-file",
+        &lab.policy,
+        "--region",
+        "r",
+        "--",
+        "true",
+    ]);
     assert!(!out.status.success() && common::daemon::err_text(&out).contains("revoked"));
     let audit = lab.d.audit();
     assert_eq!(rows(&audit, "region.revoke", "r").len(), 1);
@@ -338,16 +458,27 @@ fn revoke_invalidates_an_open_handle_and_refuses_new_opens() {
 #[test]
 fn a_job_without_a_grant_cannot_open_a_region_nor_call_userfaultfd() {
     let lab = Lab::start(&[]);
-    lab.d.ctl_ok(&["region", "create", "secret", "--zero", "1M"]);
+    lab.d
+        .ctl_ok(&["region", "create", "secret", "--zero", "1M"]);
     lab.d.ctl_ok(&["region", "create", "other", "--zero", "1M"]);
     // No region at all: no broker socket, no device, the syscall denied.
     let j = lab.job(&[], &[&lab.probe(), "uffd"]);
     let out = lab.out(&j);
-    assert!(out.contains("userfaultfd syscall: Operation not permitted"), "{out}");
-    assert!(out.contains("/dev/userfaultfd: No such file or directory"), "{out}");
+    assert!(
+        out.contains("userfaultfd syscall: Operation not permitted"),
+        "{out}"
+    );
+    assert!(
+        out.contains("/dev/userfaultfd: No such file or directory"),
+        "{out}"
+    );
     let j = lab.job(&[], &[&lab.agentd(), "region", "cat", "secret"]);
     assert_eq!(exit_code(&j), Some(125));
-    assert!(lab.err(&j).contains("cannot reach the region broker"), "{}", lab.err(&j));
+    assert!(
+        lab.err(&j).contains("cannot reach the region broker"),
+        "{}",
+        lab.err(&j)
+    );
     // Given another region: this one is refused by the broker, and that is a row.
     let j = lab.job(&["other"], &[&lab.probe(), "open", "secret"]);
     assert_eq!(exit_code(&j), Some(3), "{}", lab.out(&j));
@@ -356,22 +487,44 @@ fn a_job_without_a_grant_cannot_open_a_region_nor_call_userfaultfd() {
     let audit = lab.d.audit();
     let denied = rows(&audit, "region.open", id);
     assert_eq!(denied.len(), 1);
-    assert!(denied[0]["authority"].as_str().unwrap().starts_with("denied by region grant"));
+    assert!(
+        denied[0]["authority"]
+            .as_str()
+            .unwrap()
+            .starts_with("denied by region grant")
+    );
     // Even a job with a region keeps the syscall denied: it gets the device only
     // through the broker.
     let j = lab.job(&["other"], &[&lab.probe(), "uffd"]);
-    assert!(lab.out(&j).contains("userfaultfd syscall: Operation not permitted"));
+    assert!(
+        lab.out(&j)
+            .contains("userfaultfd syscall: Operation not permitted")
+    );
     // The policy decides at submit: a region it does not grant read-write is refused.
     let strict = lab.d.path("strict.toml");
-    std::fs::write(&strict, std::fs::read_to_string(&lab.policy).unwrap().replace(
-        "allow = [\"child*:rw\", \"*\"]",
-        "allow = [\"other\"]",
-    ))
+    std::fs::write(
+        &strict,
+        std::fs::read_to_string(&lab.policy)
+            .unwrap()
+            .replace("allow = [\"child*:rw\", \"*\"]", "allow = [\"other\"]"),
+    )
     .unwrap();
     for asked in ["other:rw", "secret"] {
-        let out = lab.d.ctl(&["run", "--policy-file", strict.to_str().unwrap(), "--region", asked, "--", "true"]);
+        let out = lab.d.ctl(&[
+            "run",
+            "--policy-file",
+            strict.to_str().unwrap(),
+            "--region",
+            asked,
+            "--",
+            "true",
+        ]);
         assert_eq!(out.status.code(), Some(125));
-        assert!(common::daemon::err_text(&out).contains("does not grant region"), "{}", common::daemon::show(&out));
+        assert!(
+            common::daemon::err_text(&out).contains("does not grant region"),
+            "{}",
+            common::daemon::show(&out)
+        );
     }
 }
 
@@ -383,7 +536,10 @@ fn a_broker_killed_mid_fault_fails_the_access_instead_of_hanging_the_job() {
     lab.d.ctl_ok(&["region", "create", "stuck", "--zero", "1M"]);
     let go = lab.ws.join("go");
     std::fs::write(&go, b"").unwrap();
-    let id = lab.start_job(&["stuck"], &[&lab.probe(), "hold", "stuck", "8192", go.to_str().unwrap()]);
+    let id = lab.start_job(
+        &["stuck"],
+        &[&lab.probe(), "hold", "stuck", "8192", go.to_str().unwrap()],
+    );
     // Its first read already waits on the stalled broker.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(lab.d.job(&id)["state"], "running");
@@ -393,5 +549,7 @@ fn a_broker_killed_mid_fault_fails_the_access_instead_of_hanging_the_job() {
     let j = lab.d.wait_ended(&id);
     assert_eq!(exit_signal(&j), Some(libc::SIGBUS as i64), "{j}");
     assert!(lab.err(&j).contains("went away"), "{}", lab.err(&j));
-    wait_until("the audit chain verifies", LIVENESS, || lab.d.verify()["ok"] == true);
+    wait_until("the audit chain verifies", LIVENESS, || {
+        lab.d.verify()["ok"] == true
+    });
 }

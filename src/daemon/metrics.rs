@@ -262,8 +262,16 @@ fn regions(d: &Daemon, out: &mut String) {
         "Bytes put into jobs' memory by a region's broker, by kind (fetched from its store, zeroed, copied from the parent).",
     );
     for (r, s) in &regions {
-        for (kind, n) in [("fetched", s.bytes_fetched), ("zeroed", s.bytes_zeroed), ("cow", s.bytes_cow)] {
-            let _ = writeln!(out, "agentd_region_bytes_total{{region=\"{}\",kind=\"{kind}\"}} {n}", label(r));
+        for (kind, n) in [
+            ("fetched", s.bytes_fetched),
+            ("zeroed", s.bytes_zeroed),
+            ("cow", s.bytes_cow),
+        ] {
+            let _ = writeln!(
+                out,
+                "agentd_region_bytes_total{{region=\"{}\",kind=\"{kind}\"}} {n}",
+                label(r)
+            );
         }
     }
     family(
@@ -273,8 +281,18 @@ fn regions(d: &Daemon, out: &mut String) {
         "Pages filled ahead of a sequential reader, and (hit=\"true\") those read without a fault.",
     );
     for (r, s) in &regions {
-        let _ = writeln!(out, "agentd_region_readahead_pages_total{{region=\"{}\",hit=\"false\"}} {}", label(r), s.readahead_pages);
-        let _ = writeln!(out, "agentd_region_readahead_pages_total{{region=\"{}\",hit=\"true\"}} {}", label(r), s.readahead_hits);
+        let _ = writeln!(
+            out,
+            "agentd_region_readahead_pages_total{{region=\"{}\",hit=\"false\"}} {}",
+            label(r),
+            s.readahead_pages
+        );
+        let _ = writeln!(
+            out,
+            "agentd_region_readahead_pages_total{{region=\"{}\",hit=\"true\"}} {}",
+            label(r),
+            s.readahead_hits
+        );
     }
     family(
         out,
@@ -284,11 +302,27 @@ fn regions(d: &Daemon, out: &mut String) {
     );
     for (r, s) in &regions {
         for (le, n) in &s.latency_us_buckets {
-            let le = le.parse::<f64>().map_or("+Inf".to_owned(), |us| format!("{}", us / 1e6));
-            let _ = writeln!(out, "agentd_region_fault_seconds_bucket{{region=\"{}\",le=\"{le}\"}} {n}", label(r));
+            let le = le
+                .parse::<f64>()
+                .map_or("+Inf".to_owned(), |us| format!("{}", us / 1e6));
+            let _ = writeln!(
+                out,
+                "agentd_region_fault_seconds_bucket{{region=\"{}\",le=\"{le}\"}} {n}",
+                label(r)
+            );
         }
-        let _ = writeln!(out, "agentd_region_fault_seconds_sum{{region=\"{}\"}} {}", label(r), s.latency_us_sum as f64 / 1e6);
-        let _ = writeln!(out, "agentd_region_fault_seconds_count{{region=\"{}\"}} {}", label(r), s.faults_total());
+        let _ = writeln!(
+            out,
+            "agentd_region_fault_seconds_sum{{region=\"{}\"}} {}",
+            label(r),
+            s.latency_us_sum as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "agentd_region_fault_seconds_count{{region=\"{}\"}} {}",
+            label(r),
+            s.faults_total()
+        );
     }
     family(
         out,

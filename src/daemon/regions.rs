@@ -18,6 +18,9 @@ use crate::store::WriteBatch;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 
+type RegionStats = (String, crate::region::stats::StatsView);
+type JobRegionStats = (String, String, crate::region::stats::StatsView);
+
 /// Failures kept per region for `inspect` (the operation table has them all).
 const KEPT_FAILURES: usize = 16;
 
@@ -37,7 +40,10 @@ pub struct Regions {
 impl Regions {
     /// The regions of the last run, from the store. Layer files of a region whose
     /// record says it has none (a publish that crashed before removing them) go.
-    pub fn load(store: &crate::store::Store, state_dir: &std::path::Path) -> Result<Regions, String> {
+    pub fn load(
+        store: &crate::store::Store,
+        state_dir: &std::path::Path,
+    ) -> Result<Regions, String> {
         let files = RegionFiles::new(state_dir);
         files.ensure().map_err(|e| e.to_string())?;
         let infos = store.regions().map_err(|e| e.to_string())?;
@@ -82,7 +88,10 @@ impl Regions {
                 .and_then(|m| m.get(&info.name))
                 .map(|c| c.snapshot())
                 .unwrap_or_default(),
-            None => live.as_ref().map(|l| l.stats.snapshot()).unwrap_or_default(),
+            None => live
+                .as_ref()
+                .map(|l| l.stats.snapshot())
+                .unwrap_or_default(),
         };
         let failures = self
             .failures
@@ -106,7 +115,13 @@ impl Regions {
 
     /// Every region (with `job`: only those the job used, and its own counters).
     pub fn list(&self, job: Option<&str>) -> Vec<RegionView> {
-        let infos: Vec<RegionInfo> = self.infos.lock().expect("regions lock").values().cloned().collect();
+        let infos: Vec<RegionInfo> = self
+            .infos
+            .lock()
+            .expect("regions lock")
+            .values()
+            .cloned()
+            .collect();
         let used: Option<Vec<String>> = job.map(|j| {
             self.job_stats
                 .lock()
@@ -139,12 +154,7 @@ impl Regions {
     }
 
     /// Every region counter set, for /metrics: (region, stats) and (job, region, stats).
-    pub fn all_stats(
-        &self,
-    ) -> (
-        Vec<(String, crate::region::stats::StatsView)>,
-        Vec<(String, String, crate::region::stats::StatsView)>,
-    ) {
+    pub fn all_stats(&self) -> (Vec<RegionStats>, Vec<JobRegionStats>) {
         let regions = self
             .live
             .lock()
@@ -157,7 +167,10 @@ impl Regions {
             .lock()
             .expect("regions lock")
             .iter()
-            .flat_map(|(j, m)| m.iter().map(move |(r, c)| (j.clone(), r.clone(), c.snapshot())))
+            .flat_map(|(j, m)| {
+                m.iter()
+                    .map(move |(r, c)| (j.clone(), r.clone(), c.snapshot()))
+            })
             .collect();
         (regions, jobs)
     }
@@ -183,7 +196,11 @@ pub async fn create(
     requester: Requester,
 ) -> Result<RegionView, ApiError> {
     check_name(&req.name).map_err(ApiError::bad_request)?;
-    let sources = [req.from_file.is_some(), req.zero.is_some(), req.clone.is_some()];
+    let sources = [
+        req.from_file.is_some(),
+        req.zero.is_some(),
+        req.clone.is_some(),
+    ];
     if sources.iter().filter(|&&s| s).count() != 1 {
         return Err(ApiError::bad_request(
             "give exactly one of from_file (a file's bytes), zero (a size) or clone (a parent region)",
@@ -255,7 +272,10 @@ pub async fn create(
         info.base_inherited = true;
         info.layer_pages = held;
         info.parent = Some(parent.clone());
-        authority.push_str(&format!("; clone of {parent} at generation {}", p.generation));
+        authority.push_str(&format!(
+            "; clone of {parent} at generation {}",
+            p.generation
+        ));
     }
     let batch = WriteBatch {
         regions: vec![info.clone()],
@@ -321,7 +341,15 @@ async fn backing_file(
             meta.uid(),
             requester.uid
         );
-        deny(d, requester, "region.create", None, "region file ownership", &why).await;
+        deny(
+            d,
+            requester,
+            "region.create",
+            None,
+            "region file ownership",
+            &why,
+        )
+        .await;
         return Err(ApiError::forbidden(why));
     }
     Ok((canonical.display().to_string(), meta.len()))
@@ -330,7 +358,11 @@ async fn backing_file(
 /// POST /v1/regions/NAME/publish: the region's content as it is now becomes chunks in
 /// the store (shared by hash with every other publish); the generation moves on, so the
 /// handles of the old one fail at their next fault.
-pub async fn publish(d: &Arc<Daemon>, name: &str, requester: Requester) -> Result<RegionView, ApiError> {
+pub async fn publish(
+    d: &Arc<Daemon>,
+    name: &str,
+    requester: Requester,
+) -> Result<RegionView, ApiError> {
     let regions = &d.regions;
     let _one = regions.changing.lock().await;
     let info = regions.info(name).ok_or_else(|| no_such_region(name))?;
@@ -359,7 +391,11 @@ pub async fn publish(d: &Arc<Daemon>, name: &str, requester: Requester) -> Resul
             requester: requester.clone(),
             action: "region.publish".into(),
             target: Some(name.to_owned()),
-            authority: format!("{} may manage region {name} ({})", who(&requester), owner_rule(&requester)),
+            authority: format!(
+                "{} may manage region {name} ({})",
+                who(&requester),
+                owner_rule(&requester)
+            ),
             change: serde_json::json!({"region": name,
                 "generation": {"before": info.generation, "after": after.generation},
                 "base": {"before": info.base, "after": after.base},
@@ -376,7 +412,8 @@ pub async fn publish(d: &Arc<Daemon>, name: &str, requester: Requester) -> Resul
         .map_err(|e| ApiError::internal(format!("cannot record the publish: {e}")))?;
     regions.files.remove_layer(name);
     let live = regions.live(name).expect("a region has its live state");
-    live.generation.store(after.generation, std::sync::atomic::Ordering::SeqCst);
+    live.generation
+        .store(after.generation, std::sync::atomic::Ordering::SeqCst);
     regions
         .infos
         .lock()
@@ -460,7 +497,11 @@ async fn change_allowed(
 }
 
 /// POST /v1/regions/NAME/revoke: no new opens; open handles fail at their next fault.
-pub async fn revoke(d: &Arc<Daemon>, name: &str, requester: Requester) -> Result<RegionView, ApiError> {
+pub async fn revoke(
+    d: &Arc<Daemon>,
+    name: &str,
+    requester: Requester,
+) -> Result<RegionView, ApiError> {
     let regions = &d.regions;
     let _one = regions.changing.lock().await;
     let info = regions.info(name).ok_or_else(|| no_such_region(name))?;
@@ -477,19 +518,26 @@ pub async fn revoke(d: &Arc<Daemon>, name: &str, requester: Requester) -> Result
             requester: requester.clone(),
             action: "region.revoke".into(),
             target: Some(name.to_owned()),
-            authority: format!("{} may manage region {name} ({})", who(&requester), owner_rule(&requester)),
+            authority: format!(
+                "{} may manage region {name} ({})",
+                who(&requester),
+                owner_rule(&requester)
+            ),
             change: serde_json::json!({"region": name, "state": {"before": "active", "after": "revoked"},
                 "generation": {"before": info.generation, "after": after.generation},
                 "open_handles": open}),
-            rollback: "none: a revoked region stays revoked; create a new one from the same source".into(),
+            rollback: "none: a revoked region stays revoked; create a new one from the same source"
+                .into(),
         }],
         ..Default::default()
     };
     d.commit(batch)
         .await
         .map_err(|e| ApiError::internal(format!("cannot record the revoke: {e}")))?;
-    live.revoked.store(true, std::sync::atomic::Ordering::SeqCst);
-    live.generation.store(after.generation, std::sync::atomic::Ordering::SeqCst);
+    live.revoked
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    live.generation
+        .store(after.generation, std::sync::atomic::Ordering::SeqCst);
     regions
         .infos
         .lock()
@@ -514,17 +562,23 @@ pub async fn grant(
 ) -> Result<Vec<RegionGrant>, ApiError> {
     let mut grants: Vec<RegionGrant> = Vec::new();
     for a in asked {
-        let (name, write) =
-            crate::region::parse_grant_request(a).map_err(|m| ApiError::bad_request(format!("regions: {m}")))?;
+        let (name, write) = crate::region::parse_grant_request(a)
+            .map_err(|m| ApiError::bad_request(format!("regions: {m}")))?;
         if grants.iter().any(|g| g.name == name) {
-            return Err(ApiError::bad_request(format!("regions: {name} is given twice")));
+            return Err(ApiError::bad_request(format!(
+                "regions: {name} is given twice"
+            )));
         }
         let Some(rule) = crate::spec::regions::granting(&policy.regions, &name, write) else {
             let access = if write { "read-write" } else { "read-only" };
             let why = format!(
                 "policy {} does not grant region {name} {access} (its [regions] allow: {:?})",
                 policy.name,
-                policy.regions.iter().map(|r| format!("{}{}", r.pattern, if r.write { ":rw" } else { "" })).collect::<Vec<_>>()
+                policy
+                    .regions
+                    .iter()
+                    .map(|r| format!("{}{}", r.pattern, if r.write { ":rw" } else { "" }))
+                    .collect::<Vec<_>>()
             );
             deny(d, requester, "job.submit", None, "regions.allow", &why).await;
             return Err(ApiError::forbidden(why));
@@ -607,7 +661,10 @@ fn decide(d: &Arc<Daemon>, job: &str, name: &str, write: bool) -> Result<Allowed
             pid: 0,
             agent: Some(e.info.agent.clone()),
         };
-        (e.runtime.regions.iter().find(|g| g.name == name).cloned(), requester)
+        (
+            e.runtime.regions.iter().find(|g| g.name == name).cloned(),
+            requester,
+        )
     };
     let refuse = |kind: &'static str, why: String| Refusal { kind, why };
     let refusal = match &grant {
@@ -617,7 +674,9 @@ fn decide(d: &Arc<Daemon>, job: &str, name: &str, write: bool) -> Result<Allowed
         )),
         Some(g) if write && !g.write => Some(refuse(
             "not-granted",
-            format!("job {job} was given region {name} read-only (agentctl run --region {name}:rw for writes)"),
+            format!(
+                "job {job} was given region {name} read-only (agentctl run --region {name}:rw for writes)"
+            ),
         )),
         _ => None,
     };
@@ -711,7 +770,9 @@ impl Hooks for DaemonHooks {
         let mut map = if info.layer_pages == 0 {
             vec![BASE; info.pages() as usize]
         } else {
-            files.load_map(region, info.pages()).map_err(|e| e.to_string())?
+            files
+                .load_map(region, info.pages())
+                .map_err(|e| e.to_string())?
         };
         files
             .write_layer(region, info.size, pages, &mut map)

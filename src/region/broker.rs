@@ -10,9 +10,9 @@
 //! poisons the pages (UFFDIO_POISON): the access gets SIGBUS. A stale handle (its
 //! region revoked or republished) fails all its missing pages at once.
 
+use super::PAGE;
 use super::content::{Content, Fail, Run};
 use super::stats::{Counters, Outcome};
-use super::PAGE;
 use agentd_region::proto::{self, Reply};
 use agentd_region::uffd;
 use std::os::fd::{AsFd, OwnedFd};
@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 pub const RETRY_BOUND: Duration = Duration::from_secs(2);
 const READAHEAD_FIRST: u64 = 16;
 const READAHEAD_MAX: u64 = 512;
+/// How long the broker keeps polling the userfaultfd after a fault before it sleeps.
+const SPIN: Duration = Duration::from_micros(50);
 /// Failures reported (rows, events) per handle; later ones are only counted.
 const REPORTED_FAILURES: u32 = 16;
 
@@ -94,6 +96,7 @@ pub struct Handle {
     ahead: u64,
     reported: u32,
     failed_all: bool,
+    spin_until: Option<Instant>,
 }
 
 impl Handle {
@@ -129,6 +132,7 @@ impl Handle {
             ahead: 0,
             reported: 0,
             failed_all: false,
+            spin_until: None,
         }
     }
 
@@ -138,6 +142,14 @@ impl Handle {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let mut msgs = Vec::new();
         loop {
+            // Right after a fault, the next one usually follows within microseconds:
+            // spin on the userfaultfd for a moment before sleeping in poll, so the
+            // broker is awake when it comes (a sleeping thread's wake-up costs more
+            // than serving the fault).
+            if self.spin(&mut msgs) {
+                self.handle_msgs(&mut msgs);
+                continue;
+            }
             let (uffd_ready, conn_ready) = {
                 let mut fds = [
                     PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
@@ -155,17 +167,8 @@ impl Handle {
                 if uffd::read_msgs(self.uffd.as_fd(), &mut msgs).is_err() {
                     break;
                 }
-                for m in std::mem::take(&mut msgs) {
-                    match m.event {
-                        uffd::EVENT_PAGEFAULT => self.fault(m.arg[1]),
-                        // MADV_DONTNEED or an unmap: the pages are gone; a later touch
-                        // faults again and is served again. No read-ahead continues.
-                        uffd::EVENT_REMOVE | uffd::EVENT_UNMAP => {
-                            self.next_sequential = u64::MAX
-                        }
-                        _ => {}
-                    }
-                }
+                self.handle_msgs(&mut msgs);
+                self.spin_until = Some(Instant::now() + SPIN);
             }
             if conn_ready {
                 match proto::recv::<proto::Request>(self.conn.as_fd()) {
@@ -179,6 +182,38 @@ impl Handle {
         }
         self.live.handles.fetch_sub(1, Ordering::SeqCst);
         self.hooks.closed(&self.job, &self.content.name);
+    }
+
+    fn handle_msgs(&mut self, msgs: &mut Vec<uffd::Msg>) {
+        for m in std::mem::take(msgs) {
+            match m.event {
+                uffd::EVENT_PAGEFAULT => self.fault(m.arg[1]),
+                // MADV_DONTNEED or an unmap: the pages are gone; a later touch faults
+                // again and is served again. No read-ahead continues.
+                uffd::EVENT_REMOVE | uffd::EVENT_UNMAP => self.next_sequential = u64::MAX,
+                _ => {}
+            }
+        }
+    }
+
+    /// Polls the userfaultfd without sleeping until the spin window closes; true when
+    /// messages came (in `msgs`).
+    fn spin(&mut self, msgs: &mut Vec<uffd::Msg>) -> bool {
+        let Some(until) = self.spin_until else {
+            return false;
+        };
+        while Instant::now() < until {
+            match uffd::read_msgs(self.uffd.as_fd(), msgs) {
+                Ok(()) if !msgs.is_empty() => {
+                    self.spin_until = Some(Instant::now() + SPIN);
+                    return true;
+                }
+                Ok(()) => std::hint::spin_loop(),
+                Err(_) => break,
+            }
+        }
+        self.spin_until = None;
+        false
     }
 
     fn stale(&self) -> Option<String> {
@@ -230,6 +265,7 @@ impl Handle {
         let mut at = page;
         let mut outcome = None;
         let mut retried = false;
+        let mut refreshed = false;
         while at < end {
             let run = match self.run_bounded(at, end - at, &mut retried) {
                 Ok(r) => r,
@@ -269,6 +305,13 @@ impl Handle {
                     at = skipped + 1;
                 }
                 Some(e) if e.raw_os_error() == Some(libc::EAGAIN) => at += done / PAGE,
+                Some(e) if e.raw_os_error() == Some(libc::EFAULT) && !refreshed => {
+                    // The source could not be read: a file that shrank (its length is
+                    // looked at again, and the run recomputed) or an I/O error.
+                    refreshed = true;
+                    self.content.refresh();
+                    at += done / PAGE;
+                }
                 Some(e) => {
                     if at + done / PAGE == page && outcome.is_none() {
                         let why = match e.raw_os_error() {
@@ -306,7 +349,9 @@ impl Handle {
         let mut pause = Duration::from_millis(1);
         loop {
             let attempt = if self.injected.take_busy() {
-                Err(Fail::Transient("the backing store is busy (injected)".into()))
+                Err(Fail::Transient(
+                    "the backing store is busy (injected)".into(),
+                ))
             } else {
                 self.content.run(page, max)
             };

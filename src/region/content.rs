@@ -63,6 +63,7 @@ enum BaseReader {
         path: String,
         file: std::fs::File,
         map: Mapped,
+        len: u64,
     },
     Chunks {
         manifest: Manifest,
@@ -90,6 +91,8 @@ pub struct Content {
     map: Vec<u8>,
     layer: Option<Mapped>,
     files: RegionFiles,
+    /// One page read from a file (sparse faults).
+    one: Vec<u8>,
 }
 
 impl Content {
@@ -102,10 +105,15 @@ impl Content {
                     .map_err(|e| format!("cannot open the backing file {path}: {e}"))?;
                 let map = Mapped::file(&file, pages * PAGE)
                     .map_err(|e| format!("cannot map the backing file {path}: {e}"))?;
+                let len = file
+                    .metadata()
+                    .map_err(|e| format!("cannot stat the backing file {path}: {e}"))?
+                    .len();
                 BaseReader::File {
                     path: path.clone(),
                     file,
                     map,
+                    len,
                 }
             }
             Base::Chunks { manifest } => BaseReader::Chunks {
@@ -138,7 +146,17 @@ impl Content {
             map,
             layer,
             files: files.clone(),
+            one: Vec::new(),
         })
+    }
+
+    /// Looks at the backing file's length again (a copy from it failed).
+    pub fn refresh(&mut self) {
+        if let BaseReader::File { file, len, .. } = &mut self.base
+            && let Ok(m) = file.metadata()
+        {
+            *len = m.len();
+        }
     }
 
     /// The run of pages starting at `page` (at most `max`) that share a source.
@@ -173,19 +191,52 @@ impl Content {
                 pages: same,
                 bytes: None,
             }),
-            BaseReader::File { path, file, map } => {
-                // The file is read as it is now: one that shrank fails the pages it no
-                // longer has instead of handing the job bytes that are not there.
-                let len = file
-                    .metadata()
-                    .map_err(|e| Fail::Transient(format!("cannot stat {path}: {e}")))?
-                    .len();
+            BaseReader::File {
+                path,
+                map,
+                len,
+                file,
+            } => {
+                // The file is read as it is: one that shrank fails the pages it no longer
+                // has instead of handing the job bytes that are not there. Its length is
+                // known from the open or the last `refresh` (a copy from pages it lost
+                // fails with EFAULT, and the broker refreshes then).
+                let len = *len;
                 let have = len.div_ceil(PAGE);
                 if page >= have {
                     return Err(Fail::Fatal(format!(
                         "the backing file {path} is {len} bytes now, shorter than the region ({} bytes): it was truncated",
                         self.size
                     )));
+                }
+                if max == 1 {
+                    // One page (sparse access): read it. Copying from the mapping would
+                    // first fault the page into this process's page tables, which costs
+                    // more than the read.
+                    use std::os::unix::fs::FileExt;
+                    self.one.resize(PAGE as usize, 0);
+                    let mut got = 0;
+                    while got < PAGE as usize {
+                        match file.read_at(&mut self.one[got..], page * PAGE + got as u64) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(Fail::Transient(format!("read {path}: {e}"))),
+                        }
+                    }
+                    if got == 0 {
+                        return Err(Fail::Fatal(format!(
+                            "the backing file {path} is {} bytes now, shorter than the region ({} bytes): it was truncated",
+                            page * PAGE,
+                            self.size
+                        )));
+                    }
+                    self.one[got..].fill(0);
+                    return Ok(Run {
+                        class,
+                        pages: 1,
+                        bytes: Some(self.one.as_ptr()),
+                    });
                 }
                 Ok(Run {
                     class,
@@ -212,9 +263,9 @@ impl Content {
                 };
                 if *cached != Some(ci) {
                     *cached = None;
-                    self.files.read_chunk(hash, buf).map_err(|why| {
-                        Fail::Fatal(format!("region {}: {why}", self.name))
-                    })?;
+                    self.files
+                        .read_chunk(hash, buf)
+                        .map_err(|why| Fail::Fatal(format!("region {}: {why}", self.name)))?;
                     // The last chunk may end mid-page: pad it to whole pages.
                     buf.resize(CHUNK as usize, 0);
                     *cached = Some(ci);

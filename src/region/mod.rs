@@ -35,9 +35,13 @@ pub const MAX_SIZE: u64 = 1 << 40;
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Base {
     /// A file on the host, read as it is when a page is first touched.
-    File { path: String },
+    File {
+        path: String,
+    },
     /// A published manifest: chunks by sha256 (`store::Manifest`).
-    Chunks { manifest: String },
+    Chunks {
+        manifest: String,
+    },
     Zero,
 }
 
@@ -85,7 +89,10 @@ impl RegionInfo {
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
@@ -134,7 +141,10 @@ mod tests {
         }
         assert_eq!(parse_grant_request("idx").unwrap(), ("idx".into(), false));
         assert_eq!(parse_grant_request("idx:rw").unwrap(), ("idx".into(), true));
-        assert_eq!(parse_grant_request("idx:ro").unwrap(), ("idx".into(), false));
+        assert_eq!(
+            parse_grant_request("idx:ro").unwrap(),
+            ("idx".into(), false)
+        );
         assert!(parse_grant_request("idx:wr").is_err());
         assert!(parse_grant_request("a/b:rw").is_err());
     }

@@ -8,10 +8,10 @@
 //! (3) the job sends the userfaultfd registered over its mapping and the mapping's
 //! address and length; (4) the broker checks them and serves.
 
+use super::PAGE;
 use super::broker::{Handle, Hooks, Injected, Live};
 use super::content::Content;
 use super::stats::Counters;
-use super::PAGE;
 use agentd_region::proto::{self, Reply, Request};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -210,7 +210,9 @@ fn session(conn: OwnedFd, broker: &Broker) {
         return refuse(
             &conn,
             "bad-request",
-            format!("the mapping must be page-aligned and {mapped} bytes long, not {len} at {addr:#x}"),
+            format!(
+                "the mapping must be page-aligned and {mapped} bytes long, not {len} at {addr:#x}"
+            ),
         );
     }
     // The broker reads faults without blocking, between the socket and the uffd.
@@ -225,7 +227,10 @@ fn session(conn: OwnedFd, broker: &Broker) {
     }
     allowed.live.stats.opened();
     allowed.job_stats.opened();
-    allowed.live.handles.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    allowed
+        .live
+        .handles
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     Handle::new(
         broker.job.clone(),
         write,
@@ -247,12 +252,8 @@ fn session(conn: OwnedFd, broker: &Broker) {
 fn shared_memory(name: &str, len: u64) -> std::io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(format!("agentd-region-{name}")).expect("no NUL");
     // SAFETY: memfd_create with a valid C string.
-    let fd = unsafe {
-        libc::memfd_create(
-            cname.as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -39,7 +39,8 @@ impl Outcome {
 }
 
 /// Upper bounds of the latency histogram's buckets, in microseconds (then +Inf).
-pub const LATENCY_BOUNDS_US: [u64; 12] = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000, 100000];
+pub const LATENCY_BOUNDS_US: [u64; 12] =
+    [2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000, 100000];
 
 #[derive(Default)]
 pub struct Counters {
@@ -167,6 +168,9 @@ mod tests {
         assert_eq!(s.latency_us_buckets.last().unwrap(), &("+Inf".into(), 6));
         assert_eq!(s.latency_quantile_us(0.5).unwrap(), "2");
         assert_eq!(s.latency_quantile_us(0.99).unwrap(), "+Inf");
-        assert_eq!((s.bytes_zeroed, s.bytes_cow, s.bytes_fetched), (4096, 8192, 0));
+        assert_eq!(
+            (s.bytes_zeroed, s.bytes_cow, s.bytes_fetched),
+            (4096, 8192, 0)
+        );
     }
 }

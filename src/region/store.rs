@@ -84,7 +84,11 @@ impl RegionFiles {
         let path = self.chunk_path(hash);
         buf.clear();
         let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => format!("chunk {} is missing from the chunk store ({})", &hash[..12], path.display()),
+            std::io::ErrorKind::NotFound => format!(
+                "chunk {} is missing from the chunk store ({})",
+                &hash[..12],
+                path.display()
+            ),
             _ => format!("cannot read chunk {}: {e}", path.display()),
         })?;
         if hex(&Sha256::digest(&bytes)) != hash {
@@ -162,7 +166,8 @@ impl RegionFiles {
             .map_err(io(&path))?;
         f.set_len(size).map_err(io(&path))?;
         for (page, bytes) in pages {
-            f.write_all_at(bytes, page * super::PAGE).map_err(io(&path))?;
+            f.write_all_at(bytes, page * super::PAGE)
+                .map_err(io(&path))?;
             map[*page as usize] = OWN;
         }
         f.sync_all().map_err(io(&path))?;
@@ -233,7 +238,11 @@ mod tests {
         let files = RegionFiles::new(dir.path());
         files.ensure().unwrap();
         let a = files.put_chunk(b"hello").unwrap();
-        assert_eq!(files.put_chunk(b"hello").unwrap(), a, "same bytes, same chunk");
+        assert_eq!(
+            files.put_chunk(b"hello").unwrap(),
+            a,
+            "same bytes, same chunk"
+        );
         let mut buf = Vec::new();
         files.read_chunk(&a, &mut buf).unwrap();
         assert_eq!(buf, b"hello");
@@ -241,7 +250,12 @@ mod tests {
         let e = files.read_chunk(&a, &mut buf).unwrap_err();
         assert!(e.contains("corrupt"), "{e}");
         std::fs::remove_file(files.chunk_path(&a)).unwrap();
-        assert!(files.read_chunk(&a, &mut buf).unwrap_err().contains("missing"));
+        assert!(
+            files
+                .read_chunk(&a, &mut buf)
+                .unwrap_err()
+                .contains("missing")
+        );
 
         let m = Manifest {
             size: 3 * super::super::CHUNK,

@@ -851,9 +851,18 @@ mod tests {
         let p = parse("[regions]\nallow = [\"ctx-*:rw\", \"index\", \"big:ro\"]\n").unwrap();
         assert_eq!(p.regions.len(), 3);
         use regions::granting;
-        assert_eq!(granting(&p.regions, "ctx-1", true).unwrap().rule, "regions.allow[0]");
-        assert_eq!(granting(&p.regions, "index", false).unwrap().rule, "regions.allow[1]");
-        assert!(granting(&p.regions, "index", true).is_none(), "read-only grant");
+        assert_eq!(
+            granting(&p.regions, "ctx-1", true).unwrap().rule,
+            "regions.allow[0]"
+        );
+        assert_eq!(
+            granting(&p.regions, "index", false).unwrap().rule,
+            "regions.allow[1]"
+        );
+        assert!(
+            granting(&p.regions, "index", true).is_none(),
+            "read-only grant"
+        );
         assert!(granting(&p.regions, "indexes", false).is_none());
         assert!(granting(&p.regions, "other", false).is_none());
         assert!(parse("").unwrap().regions.is_empty(), "nothing by default");

@@ -50,8 +50,7 @@ impl RawRegions {
                 None => (text.as_str(), false),
             };
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
-            if !(pattern == "*" || crate::region::check_name(name).is_ok()) || name.contains('*')
-            {
+            if !(pattern == "*" || crate::region::check_name(name).is_ok()) || name.contains('*') {
                 return Err((
                     entry.span(),
                     "regions.allow",

@@ -404,17 +404,13 @@ impl Store {
         let conn = self.reader();
         let rows: Vec<(String, String)> = conn
             .prepare_cached("SELECT name, info FROM regions ORDER BY name")
-            .and_then(|mut st| {
-                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect()
-            })
+            .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
             .map_err(self.read_err())?;
         drop(conn);
         rows.into_iter()
             .map(|(name, info)| {
-                serde_json::from_str(&info).map_err(|e| {
-                    self.corrupt(format!("region {name}: its info is not valid: {e}"))
-                })
+                serde_json::from_str(&info)
+                    .map_err(|e| self.corrupt(format!("region {name}: its info is not valid: {e}")))
             })
             .collect()
     }

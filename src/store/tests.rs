@@ -37,6 +37,7 @@ fn job(id: &str, state: JobState, submitted_ms: u64) -> JobRecord {
             snapshot: None,
             tool_calls: Vec::new(),
             waiting: false,
+            regions: Vec::new(),
         },
         runtime: json!({"cgroup_dir": "/sys/fs/cgroup/agentd/j1", "pidfd": null}),
     }
@@ -146,7 +147,10 @@ fn a_version_1_store_gains_the_regions_table_and_keeps_its_rows() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
     store
-        .commit_blocking(WriteBatch::job(job("j1", JobState::Running, 1_000), op("job.submit", "j1")))
+        .commit_blocking(WriteBatch::job(
+            job("j1", JobState::Running, 1_000),
+            op("job.submit", "j1"),
+        ))
         .unwrap();
     drop(store);
     // Back to what an agentd before regions wrote.

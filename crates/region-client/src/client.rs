@@ -329,9 +329,8 @@ fn watch(name: &str, conn: OwnedFd, uffd_fd: OwnedFd, addr: u64, len: u64, share
     }
     // The broker is gone: nothing will fill the pages still missing. Fail them rather
     // than let an access wait forever.
-    let text = format!(
-        "region {name}: the supervisor's region broker went away; pages not yet read fail"
-    );
+    let text =
+        format!("region {name}: the supervisor's region broker went away; pages not yet read fail");
     publish_failure(&text);
     if let Ok(mut f) = shared.failure.lock() {
         *f = Some(text);

@@ -36,10 +36,16 @@ pub enum Reply {
         write: bool,
     },
     /// `kind`: not-granted, no-such-region, revoked, unavailable, bad-request.
-    Refused { kind: String, error: String },
+    Refused {
+        kind: String,
+        error: String,
+    },
     Serving,
     /// The next access at `offset` fails with SIGBUS, for `reason`.
-    Failure { offset: u64, reason: String },
+    Failure {
+        offset: u64,
+        reason: String,
+    },
 }
 
 /// Sends one message with `fds` attached.
@@ -73,7 +79,10 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
             if let ControlMessageOwned::ScmRights(list) = c {
                 // SAFETY: SCM_RIGHTS installed these descriptors in this process for
                 // us; nothing else refers to them.
-                fds.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    list.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         (msg.bytes, fds)

@@ -391,7 +391,9 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
                 zero,
                 clone,
             } => regions::create(client, name, from_file, zero, clone, json).await,
-            RegionCommand::Publish { name } => regions::change(client, &name, "publish", json).await,
+            RegionCommand::Publish { name } => {
+                regions::change(client, &name, "publish", json).await
+            }
             RegionCommand::Revoke { name } => regions::change(client, &name, "revoke", json).await,
             RegionCommand::Inspect { name, job } => {
                 regions::inspect(client, &name, job.as_deref(), json).await

@@ -7,7 +7,12 @@ use agentd::api::types::{RegionCreateRequest, RegionView};
 use std::path::PathBuf;
 
 fn bytes(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
     for (u, size) in UNITS {
         if n >= size {
             return format!("{:.1}{u}", n as f64 / size as f64);
@@ -83,17 +88,27 @@ pub async fn change(client: &Client, name: &str, what: &str, json: bool) -> Resu
     } else {
         emit(&format!(
             "{} {:?} generation {} ({}); {} handle(s) open\n",
-            v.info.name, v.info.state, v.info.generation, base(&v), v.handles
+            v.info.name,
+            v.info.state,
+            v.info.generation,
+            base(&v),
+            v.handles
         ))?;
     }
     Ok(0)
 }
 
 fn job_query(job: Option<&str>) -> String {
-    job.map(|j| format!("?job={}", encode(j))).unwrap_or_default()
+    job.map(|j| format!("?job={}", encode(j)))
+        .unwrap_or_default()
 }
 
-pub async fn inspect(client: &Client, name: &str, job: Option<&str>, json: bool) -> Result<i32, Fail> {
+pub async fn inspect(
+    client: &Client,
+    name: &str,
+    job: Option<&str>,
+    json: bool,
+) -> Result<i32, Fail> {
     let v: RegionView = client
         .get(&format!("/v1/regions/{}{}", encode(name), job_query(job)))
         .await?;
@@ -114,7 +129,8 @@ pub async fn inspect(client: &Client, name: &str, job: Option<&str>, json: bool)
         v.info.owner_uid,
         v.handles,
         s.opens,
-        job.map(|j| format!(" (counters of job {j})")).unwrap_or_default()
+        job.map(|j| format!(" (counters of job {j})"))
+            .unwrap_or_default()
     );
     out.push_str(&format!(
         "faults:      {}\nfetched:     {}\nzero-filled: {}\ncopied (cow): {}\nread-ahead:  {} pages filled, {} read without a fault\nlatency:     p50 <= {} us, p99 <= {} us\n",
@@ -142,7 +158,9 @@ pub async fn inspect(client: &Client, name: &str, job: Option<&str>, json: bool)
 }
 
 pub async fn ls(client: &Client, job: Option<&str>, json: bool) -> Result<i32, Fail> {
-    let all: Vec<RegionView> = client.get(&format!("/v1/regions{}", job_query(job))).await?;
+    let all: Vec<RegionView> = client
+        .get(&format!("/v1/regions{}", job_query(job)))
+        .await?;
     if json {
         emit_json(&all)?;
         return Ok(0);
@@ -163,7 +181,9 @@ pub async fn ls(client: &Client, job: Option<&str>, json: bool) -> Result<i32, F
         })
         .collect();
     emit(&table(
-        &["NAME", "SIZE", "GEN", "STATE", "BASE", "HANDLES", "FAULTS", "FETCHED"],
+        &[
+            "NAME", "SIZE", "GEN", "STATE", "BASE", "HANDLES", "FAULTS", "FETCHED",
+        ],
         &rows,
     ))?;
     Ok(0)
