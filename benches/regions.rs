@@ -59,6 +59,7 @@ fn setup(dir: &std::path::Path) -> (session::Listener, std::path::PathBuf) {
             live: live.clone(),
             content: Content::open(&files, &info).expect("content"),
             job_stats: stats.clone(),
+            charge: None,
         })
     };
     let sock = dir.join("regions.sock");

@@ -75,6 +75,7 @@ fn serve(
                     why,
                 })?,
                 job_stats: job_stats.clone(),
+                charge: None,
             })
         }
     };

@@ -429,6 +429,15 @@ fn revoke_invalidates_an_open_handle_and_refuses_new_opens() {
         &[&lab.probe(), "hold", "r", "4194304", go.to_str().unwrap()],
     );
     common::daemon::wait_for_output(&lab.d, &id, "opened");
+    // The open handle is listed, and accounted to the job's region_handle class.
+    let v = lab.region("r");
+    assert_eq!(
+        (v["handles"].as_u64(), v["open"][0]["job"].as_str()),
+        (Some(1), Some(id.as_str())),
+        "{v}"
+    );
+    let classes = lab.d.get(&format!("/v1/classes?job={id}")).text();
+    assert!(classes.contains("region_handle"), "{classes}");
     lab.d.ctl_ok(&["region", "revoke", "r"]);
     std::fs::write(&go, b"").unwrap();
     let j = lab.d.wait_ended(&id);

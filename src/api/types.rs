@@ -445,6 +445,9 @@ pub struct RegionView {
     #[serde(flatten)]
     pub info: crate::region::RegionInfo,
     pub handles: u64,
+    /// The open handles: job, generation, access, what the daemon holds for each.
+    #[serde(default)]
+    pub open: Vec<crate::region::broker::HandleInfo>,
     pub stats: crate::region::stats::StatsView,
     #[serde(default)]
     pub failures: Vec<RegionFailure>,

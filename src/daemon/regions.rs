@@ -105,7 +105,20 @@ impl Regions {
                     .collect()
             })
             .unwrap_or_default();
+        let open = live
+            .as_ref()
+            .map(|l| {
+                l.open
+                    .lock()
+                    .expect("open handles lock")
+                    .values()
+                    .filter(|h| job.is_none_or(|j| h.job == j))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         RegionView {
+            open,
             handles: live.map_or(0, |l| l.handles.load(std::sync::atomic::Ordering::SeqCst)),
             info,
             stats,
@@ -718,10 +731,21 @@ fn decide(d: &Arc<Daemon>, job: &str, name: &str, write: bool) -> Result<Allowed
             "write": write}),
         rollback: format!("agentctl region revoke {name} (its handles fail), or end the job"),
     }));
+    let charge = d
+        .classes
+        .charge(
+            crate::telemetry::classes::Class::RegionHandle,
+            Some(job),
+            1,
+            content.held_bytes(),
+            Default::default(),
+        )
+        .ok();
     Ok(Allowed {
         live,
         content,
         job_stats: d.regions.job_counters(job, name),
+        charge,
     })
 }
 

@@ -37,6 +37,21 @@ pub struct Live {
     /// Held while a handle writes its pages back (one layer writer at a time).
     pub write_lock: std::sync::Mutex<()>,
     pub handles: AtomicU64,
+    /// The open handles, by a number of their own.
+    pub open: std::sync::Mutex<std::collections::BTreeMap<u64, HandleInfo>>,
+}
+
+/// An open handle as the operator sees it (the `region_handle` object class).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HandleInfo {
+    pub job: String,
+    pub region: String,
+    pub generation: u64,
+    pub write: bool,
+    /// What the daemon holds for it: read buffers and layer map (its thread's stack is
+    /// not counted).
+    pub bytes: u64,
+    pub opened_ms: u64,
 }
 
 /// What the broker tells the daemon.

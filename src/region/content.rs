@@ -122,9 +122,15 @@ impl Content {
                 buf: Vec::new(),
             },
         };
-        let map = files
-            .load_map(&info.name, pages)
-            .map_err(|e| e.to_string())?;
+        // A region without pages of its own has no map (it would cost a byte per page
+        // of every handle).
+        let map = if info.layer_pages > 0 {
+            files
+                .load_map(&info.name, pages)
+                .map_err(|e| e.to_string())?
+        } else {
+            Vec::new()
+        };
         let layer = if map.iter().any(|&b| b != BASE) {
             let path = files.layer_data(&info.name);
             let f = std::fs::File::open(&path)
@@ -150,6 +156,15 @@ impl Content {
         })
     }
 
+    /// The memory this view holds (layer map, chunk and page buffers).
+    pub fn held_bytes(&self) -> u64 {
+        let chunk = match &self.base {
+            BaseReader::Chunks { buf, .. } => buf.capacity(),
+            _ => 0,
+        };
+        (std::mem::size_of::<Content>() + self.map.capacity() + chunk + super::PAGE as usize) as u64
+    }
+
     /// Looks at the backing file's length again (a copy from it failed).
     pub fn refresh(&mut self) {
         if let BaseReader::File { file, len, .. } = &mut self.base
@@ -162,11 +177,13 @@ impl Content {
     /// The run of pages starting at `page` (at most `max`) that share a source.
     pub fn run(&mut self, page: u64, max: u64) -> Result<Run, Fail> {
         let max = max.min(self.pages - page).max(1);
-        let kind = self.map[page as usize];
-        let same = self.map[page as usize..(page + max) as usize]
-            .iter()
-            .take_while(|&&b| b == kind)
-            .count() as u64;
+        let (kind, same) = match self.map.get(page as usize..(page + max) as usize) {
+            Some(run) => (
+                run[0],
+                run.iter().take_while(|&&b| b == run[0]).count() as u64,
+            ),
+            None => (BASE, max),
+        };
         if kind != BASE {
             let layer = self.layer.as_ref().expect("a layer page has a layer");
             return Ok(Run {
@@ -289,7 +306,7 @@ impl Content {
             None => out.fill(0),
             Some(p) => {
                 if let BaseReader::File { file, .. } = &self.base
-                    && self.map[page as usize] == BASE
+                    && self.map.get(page as usize).is_none_or(|&b| b == BASE)
                 {
                     // pread, not the mapping: a file that shrinks meanwhile gives a
                     // short read here, not a SIGBUS in the daemon.

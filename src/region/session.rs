@@ -21,6 +21,9 @@ pub struct Allowed {
     pub live: Arc<Live>,
     pub content: Content,
     pub job_stats: Arc<Counters>,
+    /// The daemon's accounting of the handle (`region_handle` class), held while it is
+    /// open.
+    pub charge: Option<crate::telemetry::classes::Charge>,
 }
 
 /// A refused open: `kind` (not-granted, no-such-region, revoked, unavailable) and why.
@@ -231,6 +234,24 @@ fn session(conn: OwnedFd, broker: &Broker) {
         .live
         .handles
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let live = allowed.live.clone();
+    live.open.lock().expect("open handles lock").insert(
+        number,
+        super::broker::HandleInfo {
+            job: broker.job.clone(),
+            region: name.clone(),
+            generation: allowed.content.generation,
+            write,
+            bytes: allowed.content.held_bytes(),
+            opened_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+        },
+    );
+    let _charge = allowed.charge;
     Handle::new(
         broker.job.clone(),
         write,
@@ -245,6 +266,7 @@ fn session(conn: OwnedFd, broker: &Broker) {
         broker.injected.clone(),
     )
     .serve();
+    live.open.lock().expect("open handles lock").remove(&number);
 }
 
 /// A writable region's memory: a memfd the job maps shared, sealed at its size so the
@@ -282,6 +304,7 @@ impl Live {
             stats: Counters::default(),
             write_lock: std::sync::Mutex::new(()),
             handles: 0.into(),
+            open: Default::default(),
         }
     }
 }

@@ -78,15 +78,17 @@ pub enum Class {
     Event = 2,
     ToolCall = 3,
     ContextSegment = 4,
+    RegionHandle = 5,
 }
 
-pub const CLASSES: usize = 5;
+pub const CLASSES: usize = 6;
 pub const ALL: [Class; CLASSES] = [
     Class::Job,
     Class::Operation,
     Class::Event,
     Class::ToolCall,
     Class::ContextSegment,
+    Class::RegionHandle,
 ];
 
 use Export::{Agent as A, Never as N, Operator as O};
@@ -172,6 +174,19 @@ static SPECS: [ClassSpec; CLASSES] = [
             f("sha256", A),
             f("stored_ms", A),
             f("content", A),
+        ],
+    },
+    ClassSpec {
+        name: "region_handle",
+        what: "open region handles: a broker thread each, with its read buffers and layer map",
+        per_job: true,
+        fields: &[
+            f("job", A),
+            f("region", A),
+            f("generation", A),
+            f("write", A),
+            f("bytes", A),
+            f("opened_ms", A),
         ],
     },
 ];

@@ -152,3 +152,17 @@ fn every_class_has_a_unique_name_and_fields() {
         assert!(!c.spec().fields.is_empty());
     }
 }
+
+#[test]
+fn region_handles_serialize_as_declared() {
+    let h = crate::region::broker::HandleInfo {
+        job: "j".into(),
+        region: "r".into(),
+        generation: 1,
+        write: false,
+        bytes: 4096,
+        opened_ms: 1,
+    };
+    let v = serde_json::to_value(&h).unwrap();
+    assert_eq!(keys(&v), declared(Class::RegionHandle, |_| true));
+}
