@@ -104,7 +104,11 @@ impl Lab {
             "/policies/default.toml"
         ))
         .unwrap();
-        let text = default + "\n[regions]\nallow = [\"child*:rw\", \"*\"]\n";
+        let text = default.replace(
+            "[regions]\nallow = []",
+            "[regions]\nallow = [\"child*:rw\", \"*\"]",
+        );
+        assert!(text.contains("child*:rw"), "policies/default.toml has [regions] allow = []");
         let policy = d.path("regions.toml");
         std::fs::write(&policy, text).unwrap();
         let policy = policy.display().to_string();

@@ -19,7 +19,7 @@
 //! | bpf perf_event_open | kernel programs and PMU access |
 //! | keyctl add_key request_key | the kernel keyring is not namespaced |
 //! | ptrace process_vm_readv process_vm_writev pidfd_getfd | reading or steering other processes |
-//! | userfaultfd | stalls kernel paths at will; granted only with a region (not yet) |
+//! | userfaultfd | stalls kernel paths at will; a job given a region gets a /dev/userfaultfd descriptor from the region broker instead, after an open its policy allows (the syscall stays denied) |
 //! | io_uring_setup io_uring_enter io_uring_register | bypasses seccomp for the operations it performs |
 //! | ioctl TIOCSTI, TIOCLINUX | typing into, or reading, the controlling terminal |
 //! | personality other than PER_LINUX or a query | turns off ASLR and similar |

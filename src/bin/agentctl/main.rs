@@ -53,6 +53,7 @@ Examples:
   agentctl run --review --workspace . -- ./agent   the change waits for review:
   agentctl diff JOB; agentctl accept --commit JOB  (or: agentctl reject JOB)
   agentctl run --net proxy --allow-domain pypi.org --allow-domain files.pythonhosted.org -- pip download x
+  agentctl region create index --from-file /srv/index.bin; agentctl run --region index -- ./agent
 
 Environment:
   AGENTD_SOCKET   the daemon's socket (as --socket)";
