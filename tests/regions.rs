@@ -108,7 +108,10 @@ impl Lab {
             "[regions]\nallow = []",
             "[regions]\nallow = [\"child*:rw\", \"*\"]",
         );
-        assert!(text.contains("child*:rw"), "policies/default.toml has [regions] allow = []");
+        assert!(
+            text.contains("child*:rw"),
+            "policies/default.toml has [regions] allow = []"
+        );
         let policy = d.path("regions.toml");
         std::fs::write(&policy, text).unwrap();
         let policy = policy.display().to_string();
