@@ -70,6 +70,7 @@ fn setup(dir: &std::path::Path) -> (session::Listener, std::path::PathBuf) {
             decide: Box::new(decide),
             hooks: Arc::new(Quiet),
             injected: Arc::new(Injected::default()),
+            active: Default::default(),
         },
     )
     .unwrap();

@@ -87,6 +87,7 @@ fn serve(
             decide: Box::new(decide),
             hooks: hooks.clone(),
             injected: Arc::new(injected),
+            active: Default::default(),
         },
     )
     .unwrap();

@@ -569,3 +569,28 @@ fn a_broker_killed_mid_fault_fails_the_access_instead_of_hanging_the_job() {
         lab.d.verify()["ok"] == true
     });
 }
+
+#[test]
+fn a_job_cannot_hold_more_than_64_handshakes_of_the_daemon() {
+    let lab = Lab::start(&[]);
+    lab.d.ctl_ok(&["region", "create", "z", "--zero", "1M"]);
+    // 64 connections that never finish their handshake, then a 65th: refused at once.
+    let py = r#"
+import json, socket
+held = []
+for i in range(64):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect("/run/agentd/regions.sock")
+    held.append(s)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect("/run/agentd/regions.sock")
+s.settimeout(5)
+print(json.loads(s.recv(4096))["kind"])
+"#;
+    let j = lab.job(&["z"], &["python3", "-c", py]);
+    assert_eq!(exit_code(&j), Some(0), "{}", lab.err(&j));
+    assert_eq!(lab.out(&j).trim(), "unavailable");
+    // Those connections went with the job: the next job opens the region as usual.
+    let j = lab.job(&["z"], &[&lab.probe(), "sum", "z", "0", "4096"]);
+    assert_eq!(lab.out(&j).trim(), "sum 0", "{}", lab.err(&j));
+}

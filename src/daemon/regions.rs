@@ -640,6 +640,7 @@ pub fn listen(d: &Arc<Daemon>, id: &str, grants: &[RegionGrant]) -> std::io::Res
             rt: d.rt.clone(),
         }),
         injected: d.regions.injected.clone(),
+        active: Default::default(),
     };
     let path = super::jobsock::dir(d, id).join("regions.sock");
     let listener = session::listen(&path, broker)?;

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 pub const RETRY_BOUND: Duration = Duration::from_secs(2);
 const READAHEAD_FIRST: u64 = 16;
 const READAHEAD_MAX: u64 = 512;
+/// Times a fill refused with EAGAIN is tried again before it is given up.
+const EAGAIN_TRIES: u32 = 200;
 /// How long the broker keeps polling the userfaultfd after a fault before it sleeps.
 const SPIN: Duration = Duration::from_micros(50);
 /// Failures reported (rows, events) per handle; later ones are only counted.
@@ -112,6 +114,8 @@ pub struct Handle {
     reported: u32,
     failed_all: bool,
     spin_until: Option<Instant>,
+    /// Faults read while another was being served.
+    deferred: std::collections::VecDeque<u64>,
 }
 
 impl Handle {
@@ -148,6 +152,7 @@ impl Handle {
             reported: 0,
             failed_all: false,
             spin_until: None,
+            deferred: Default::default(),
         }
     }
 
@@ -205,6 +210,25 @@ impl Handle {
                 uffd::EVENT_PAGEFAULT => self.fault(m.arg[1]),
                 // MADV_DONTNEED or an unmap: the pages are gone; a later touch faults
                 // again and is served again. No read-ahead continues.
+                uffd::EVENT_REMOVE | uffd::EVENT_UNMAP => self.next_sequential = u64::MAX,
+                _ => {}
+            }
+            while let Some(address) = self.deferred.pop_front() {
+                self.fault(address);
+            }
+        }
+    }
+
+    /// Reads the messages waiting while a fault is being served: events are handled at
+    /// once (so a change of the job's memory map can finish), faults wait their turn.
+    fn drain_events(&mut self) {
+        let mut msgs = Vec::new();
+        if uffd::read_msgs(self.uffd.as_fd(), &mut msgs).is_err() {
+            return;
+        }
+        for m in msgs {
+            match m.event {
+                uffd::EVENT_PAGEFAULT => self.deferred.push_back(m.arg[1]),
                 uffd::EVENT_REMOVE | uffd::EVENT_UNMAP => self.next_sequential = u64::MAX,
                 _ => {}
             }
@@ -281,6 +305,7 @@ impl Handle {
         let mut outcome = None;
         let mut retried = false;
         let mut refreshed = false;
+        let mut eagain = 0;
         while at < end {
             let run = match self.run_bounded(at, end - at, &mut retried) {
                 Ok(r) => r,
@@ -319,7 +344,27 @@ impl Handle {
                     }
                     at = skipped + 1;
                 }
-                Some(e) if e.raw_os_error() == Some(libc::EAGAIN) => at += done / PAGE,
+                Some(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    at += done / PAGE;
+                    if done == 0 {
+                        // The job's memory map is changing (an unmap or remove event
+                        // waits to be read: reading it lets the change finish), or the
+                        // kernel lost a race. Try again, a bounded number of times.
+                        eagain += 1;
+                        self.drain_events();
+                        if eagain > EAGAIN_TRIES {
+                            if at == page && outcome.is_none() {
+                                let why = "the kernel kept refusing to fill the page (EAGAIN)";
+                                self.fail(page, page, 1, why.into(), t0);
+                                return;
+                            }
+                            break;
+                        }
+                        if eagain > 10 {
+                            std::thread::sleep(Duration::from_micros(100));
+                        }
+                    }
+                }
                 Some(e) if e.raw_os_error() == Some(libc::EFAULT) && !refreshed => {
                     // The source could not be read: a file that shrank (its length is
                     // looked at again, and the run recomputed) or an I/O error.

@@ -51,6 +51,29 @@ impl Mapped {
     }
 }
 
+impl Mapped {
+    /// Maps the page cache pages of `pages` pages from `page` into this process's page
+    /// tables before the kernel copies from them: a UFFDIO_COPY whose source is not
+    /// mapped takes a slow path, page by page, which some kernels (6.12) answer with
+    /// EAGAIN. MADV_POPULATE_READ fails (EFAULT) instead of raising SIGBUS past the end
+    /// of a file.
+    fn populate(&self, page: u64, pages: u64) -> std::io::Result<()> {
+        // SAFETY: madvise on a range inside this mapping; it changes no contents.
+        let r = unsafe {
+            libc::madvise(
+                self.ptr.add((page * PAGE) as usize) as *mut _,
+                (pages * PAGE) as usize,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 impl Drop for Mapped {
     fn drop(&mut self) {
         // SAFETY: the mapping this value made.
@@ -186,6 +209,9 @@ impl Content {
         };
         if kind != BASE {
             let layer = self.layer.as_ref().expect("a layer page has a layer");
+            layer
+                .populate(page, same)
+                .map_err(|e| Fail::Transient(format!("read the layer of {}: {e}", self.name)))?;
             return Ok(Run {
                 class: if kind == INHERITED {
                     Outcome::Cow
@@ -218,11 +244,11 @@ impl Content {
                 // has instead of handing the job bytes that are not there. Its length is
                 // known from the open or the last `refresh` (a copy from pages it lost
                 // fails with EFAULT, and the broker refreshes then).
-                let len = *len;
-                let have = len.div_ceil(PAGE);
+                let known = *len;
+                let have = known.div_ceil(PAGE);
                 if page >= have {
                     return Err(Fail::Fatal(format!(
-                        "the backing file {path} is {len} bytes now, shorter than the region ({} bytes): it was truncated",
+                        "the backing file {path} is {known} bytes now, shorter than the region ({} bytes): it was truncated",
                         self.size
                     )));
                 }
@@ -255,9 +281,18 @@ impl Content {
                         bytes: Some(self.one.as_ptr()),
                     });
                 }
+                let pages = same.min(have - page);
+                if let Err(e) = map.populate(page, pages) {
+                    // Past the end of a file that shrank (the length is looked at again
+                    // on the next try), or an I/O error.
+                    if let Ok(m) = file.metadata() {
+                        *len = m.len();
+                    }
+                    return Err(Fail::Transient(format!("read {path}: {e}")));
+                }
                 Ok(Run {
                     class,
-                    pages: same.min(have - page),
+                    pages,
                     // SAFETY: `page` is below the file's pages, within the mapping.
                     bytes: Some(unsafe { map.ptr.add((page * PAGE) as usize) }),
                 })

@@ -15,6 +15,7 @@ use super::stats::Counters;
 use agentd_region::proto::{self, Reply, Request};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// What `decide` hands the broker for an allowed open.
 pub struct Allowed {
@@ -40,6 +41,36 @@ pub struct Broker {
     pub decide: Box<Decide>,
     pub hooks: Arc<dyn Hooks>,
     pub injected: Arc<Injected>,
+    /// Connections being served (each a thread).
+    pub active: AtomicUsize,
+}
+
+/// Handles (and handshakes) one job may have at once.
+pub const MAX_HANDLES_PER_JOB: usize = 64;
+/// How long a handshake step may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn set_receive_timeout(conn: &OwnedFd, t: Option<std::time::Duration>) {
+    let tv = t.map_or(
+        libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        |t| libc::timeval {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_usec: t.subsec_micros() as libc::suseconds_t,
+        },
+    );
+    // SAFETY: setsockopt with a timeval that lives across the call.
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
 }
 
 /// A bound listener; `stop` (or drop) stops taking connections (open handles go on).
@@ -120,10 +151,28 @@ fn accept_loop(fd: &OwnedFd, broker: &Arc<Broker>) {
         }
         // SAFETY: accept4 returned a new descriptor nobody else owns.
         let conn = unsafe { OwnedFd::from_raw_fd(c) };
+        // Each connection is a thread of the daemon: a job gets a bounded number.
+        let active = broker.active.fetch_add(1, Ordering::SeqCst);
+        if active >= MAX_HANDLES_PER_JOB {
+            broker.active.fetch_sub(1, Ordering::SeqCst);
+            refuse(
+                &conn,
+                "unavailable",
+                format!(
+                    "this job has {MAX_HANDLES_PER_JOB} region handles open or opening; close one first"
+                ),
+            );
+            continue;
+        }
+        // The handshake must come promptly; serving afterwards polls without a timeout.
+        set_receive_timeout(&conn, Some(HANDSHAKE_TIMEOUT));
         let broker = broker.clone();
         let spawned = std::thread::Builder::new()
             .name("agentd-region".into())
-            .spawn(move || session(conn, &broker));
+            .spawn(move || {
+                session(conn, &broker);
+                broker.active.fetch_sub(1, Ordering::SeqCst);
+            });
         if spawned.is_err() {
             tracing::warn!("cannot start a region handle's thread; the open fails");
         }
@@ -224,7 +273,9 @@ fn session(conn: OwnedFd, broker: &Broker) {
         let flags = libc::fcntl(uffd.as_raw_fd(), libc::F_GETFL);
         libc::fcntl(uffd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
     }
-    // (4) Serving.
+    // (4) Serving: no receive timeout from here on (the connection is idle while the
+    // job reads its region).
+    set_receive_timeout(&conn, None);
     if proto::send(conn.as_fd(), &Reply::Serving, &[]).is_err() {
         return;
     }
