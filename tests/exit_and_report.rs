@@ -401,7 +401,8 @@ fn job_starts_inside_its_cgroup_and_the_report_says_how() {
             "--",
             "sh",
             "-c",
-            "cat /proc/self/cgroup; echo $$ > pid; echo \"$AGENTD_JOB_ID\" > ready; \
+            "cat /proc/self/cgroup; echo $$ > pid; echo \"$AGENTD_JOB_ID\" > ready.tmp; \
+             mv ready.tmp ready; \
              while [ ! -e go ]; do sleep 0.05; done",
         ],
     );
