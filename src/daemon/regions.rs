@@ -188,6 +188,21 @@ impl Regions {
         (regions, jobs)
     }
 
+    /// A change is recorded: the handles see its generation and state, readers its
+    /// record.
+    fn settle(&self, after: &RegionInfo) {
+        if let Some(live) = self.live(&after.name) {
+            use std::sync::atomic::Ordering::SeqCst;
+            live.revoked
+                .store(after.state == RegionState::Revoked, SeqCst);
+            live.generation.store(after.generation, SeqCst);
+        }
+        self.infos
+            .lock()
+            .expect("regions lock")
+            .insert(after.name.clone(), after.clone());
+    }
+
     /// A job that is forgotten (pruned) takes its counters with it.
     pub fn forget_job(&self, job: &str) {
         self.job_stats.lock().expect("regions lock").remove(job);
@@ -424,14 +439,7 @@ pub async fn publish(
         .await
         .map_err(|e| ApiError::internal(format!("cannot record the publish: {e}")))?;
     regions.files.remove_layer(name);
-    let live = regions.live(name).expect("a region has its live state");
-    live.generation
-        .store(after.generation, std::sync::atomic::Ordering::SeqCst);
-    regions
-        .infos
-        .lock()
-        .expect("regions lock")
-        .insert(name.to_owned(), after.clone());
+    regions.settle(&after);
     d.events.emit(
         EventKind::Region,
         None,
@@ -547,15 +555,7 @@ pub async fn revoke(
     d.commit(batch)
         .await
         .map_err(|e| ApiError::internal(format!("cannot record the revoke: {e}")))?;
-    live.revoked
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    live.generation
-        .store(after.generation, std::sync::atomic::Ordering::SeqCst);
-    regions
-        .infos
-        .lock()
-        .expect("regions lock")
-        .insert(name.to_owned(), after.clone());
+    regions.settle(&after);
     d.events.emit(
         EventKind::Region,
         None,
@@ -669,15 +669,9 @@ fn decide(d: &Arc<Daemon>, job: &str, name: &str, write: bool) -> Result<Allowed
                 why: format!("job {job} is not running"),
             });
         };
-        let requester = Requester {
-            uid: e.runtime.job_uid,
-            gid: e.runtime.job_gid,
-            pid: 0,
-            agent: Some(e.info.agent.clone()),
-        };
         (
             e.runtime.regions.iter().find(|g| g.name == name).cloned(),
-            requester,
+            job_requester(e),
         )
     };
     let refuse = |kind: &'static str, why: String| Refusal { kind, why };
@@ -750,6 +744,16 @@ fn decide(d: &Arc<Daemon>, job: &str, name: &str, write: bool) -> Result<Allowed
     })
 }
 
+/// What a job asks for itself is asked by its user and agent.
+fn job_requester(e: &super::JobEntry) -> Requester {
+    Requester {
+        uid: e.runtime.job_uid,
+        gid: e.runtime.job_gid,
+        pid: 0,
+        agent: Some(e.info.agent.clone()),
+    }
+}
+
 struct DaemonHooks {
     d: Weak<Daemon>,
     rt: tokio::runtime::Handle,
@@ -809,12 +813,7 @@ impl Hooks for DaemonHooks {
             .lock()
             .expect("jobs lock")
             .get(job)
-            .map(|e| Requester {
-                uid: e.runtime.job_uid,
-                gid: e.runtime.job_gid,
-                pid: 0,
-                agent: Some(e.info.agent.clone()),
-            })
+            .map(job_requester)
             .unwrap_or_else(Requester::daemon);
         let batch = WriteBatch {
             regions: vec![after.clone()],
@@ -835,11 +834,7 @@ impl Hooks for DaemonHooks {
         self.rt
             .block_on(d.commit(batch))
             .map_err(|e| format!("cannot record the write: {e}"))?;
-        d.regions
-            .infos
-            .lock()
-            .expect("regions lock")
-            .insert(region.to_owned(), after);
+        d.regions.settle(&after);
         Ok(())
     }
 
