@@ -471,6 +471,116 @@ fn revoke_invalidates_an_open_handle_and_refuses_new_opens() {
     assert!(lab.d.verify()["ok"].as_bool().unwrap());
 }
 
+fn chunk_files(lab: &Lab) -> usize {
+    walk(&lab.d.state_dir().join("regions/chunks")).len()
+}
+
+#[test]
+fn delete_waits_for_open_handles_and_frees_only_what_no_other_region_names() {
+    let lab = Lab::start(&[]);
+    let file = lab.d.path("d.bin");
+    pattern_file(&file, 4 << 20);
+    lab.d.ctl_ok(&[
+        "region",
+        "create",
+        "base-d",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
+    lab.d.ctl_ok(&["region", "publish", "base-d"]);
+    assert_eq!(chunk_files(&lab), 64, "4 MiB of distinct 64 KiB chunks");
+    // A clone shares the parent's chunks; its one written page makes one chunk its own.
+    lab.d
+        .ctl_ok(&["region", "create", "child-d", "--clone", "base-d"]);
+    let j = lab.job(
+        &["child-d:rw"],
+        &[&lab.probe(), "write", "child-d", "8192", "kept"],
+    );
+    assert_eq!(exit_code(&j), Some(0), "{}", lab.err(&j));
+    lab.d.ctl_ok(&["region", "publish", "child-d"]);
+    assert_eq!(chunk_files(&lab), 65);
+
+    // An open handle: the delete is refused, and says what to do.
+    let go = lab.ws.join("go-d");
+    let id = lab.start_job(
+        &["base-d"],
+        &[
+            &lab.probe(),
+            "hold",
+            "base-d",
+            "1048576",
+            go.to_str().unwrap(),
+        ],
+    );
+    common::daemon::wait_for_output(&lab.d, &id, "opened");
+    let out = lab.d.ctl(&["region", "delete", "base-d"]);
+    let err = common::daemon::err_text(&out);
+    assert!(
+        !out.status.success() && err.contains("1 open handle") && err.contains("revoke"),
+        "{err}"
+    );
+    assert_eq!(lab.region("base-d")["state"], "active");
+    // Revoked, the handle fails at its next fault; closed, the region can go.
+    lab.d.ctl_ok(&["region", "revoke", "base-d"]);
+    std::fs::write(&go, b"").unwrap();
+    let j = lab.d.wait_ended(&id);
+    assert_eq!(exit_signal(&j), Some(libc::SIGBUS as i64), "{j}");
+    wait_until("the handle closes", LIVENESS, || {
+        lab.region("base-d")["handles"] == 0
+    });
+    let v: Value =
+        serde_json::from_str(&lab.d.ctl_ok(&["--json", "region", "delete", "base-d"])).unwrap();
+    // Only the chunk the clone replaced and the parent's manifest were its alone.
+    assert_eq!(
+        (
+            v["freed"]["chunks"].as_u64(),
+            v["freed"]["manifests"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["region"]["name"], "base-d");
+    assert_eq!(chunk_files(&lab), 64);
+    assert_eq!(lab.d.get("/v1/regions/base-d").status, 404);
+    let out = lab.d.ctl(&[
+        "run",
+        "--policy-file",
+        &lab.policy,
+        "--region",
+        "base-d",
+        "--",
+        "true",
+    ]);
+    assert!(
+        !out.status.success() && common::daemon::err_text(&out).contains("no region"),
+        "{}",
+        common::daemon::err_text(&out)
+    );
+    // The clone still reads its parent's bytes and its own write, after a restart too.
+    let mut lab = lab;
+    lab.d.sigterm();
+    lab.d.launch();
+    assert_eq!(lab.d.get("/v1/regions/base-d").status, 404);
+    let j = lab.job(
+        &["child-d"],
+        &[&lab.probe(), "text", "child-d", "8192", "4"],
+    );
+    assert_eq!(lab.out(&j).trim(), "kept", "{}", lab.err(&j));
+    let j = lab.job(
+        &["child-d"],
+        &[&lab.probe(), "sum", "child-d", "3145728", "11"],
+    );
+    let expect: u64 = (3145728..3145728 + 11).map(|o| pattern(o) as u64).sum();
+    assert_eq!(lab.out(&j).trim(), format!("sum {expect}"));
+    // The last region goes with every chunk.
+    lab.d.ctl_ok(&["region", "delete", "child-d"]);
+    assert_eq!(chunk_files(&lab), 0);
+    let audit = lab.d.audit();
+    assert_eq!(rows(&audit, "region.delete", "base-d").len(), 1);
+    assert_eq!(rows(&audit, "region.delete", "child-d").len(), 1);
+    assert!(lab.d.verify()["ok"].as_bool().unwrap());
+}
+
 #[test]
 fn a_job_without_a_grant_cannot_open_a_region_nor_call_userfaultfd() {
     let lab = Lab::start(&[]);

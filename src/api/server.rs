@@ -241,7 +241,7 @@ fn routes(d: Arc<Daemon>) -> Router {
         .route("/v1/leases/{id}/renew", post(renew_lease))
         .route("/v1/leases/{id}/release", post(release_lease))
         .route("/v1/regions", post(create_region).get(list_regions))
-        .route("/v1/regions/{name}", get(get_region))
+        .route("/v1/regions/{name}", get(get_region).delete(delete_region))
         .route("/v1/regions/{name}/publish", post(publish_region))
         .route("/v1/regions/{name}/revoke", post(revoke_region))
         .route("/v1/classes", get(classes))
@@ -746,6 +746,17 @@ async fn publish_region(
 ) -> ApiResult<crate::api::types::RegionView> {
     let who = peer(&req);
     to_the_end(async move { crate::daemon::regions::publish(&d, &name, who).await })
+        .await
+        .map(axum::Json)
+}
+
+async fn delete_region(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> ApiResult<crate::api::types::RegionDeleted> {
+    let who = peer(&req);
+    to_the_end(async move { crate::daemon::regions::delete(&d, &name, who).await })
         .await
         .map(axum::Json)
 }

@@ -453,6 +453,14 @@ pub struct RegionView {
     pub failures: Vec<RegionFailure>,
 }
 
+/// DELETE /v1/regions/NAME: the region as it was, and the store's space taken back
+/// (chunks other regions still name stay).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionDeleted {
+    pub region: crate::region::RegionInfo,
+    pub freed: crate::region::gc::Swept,
+}
+
 /// The typed lifecycle events of GET /v1/events (JSON lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

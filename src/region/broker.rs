@@ -35,6 +35,8 @@ const REPORTED_FAILURES: u32 = 16;
 pub struct Live {
     pub generation: AtomicU64,
     pub revoked: AtomicBool,
+    /// `region delete`: the region is going (a handle that slipped in fails).
+    pub deleted: AtomicBool,
     pub stats: Counters,
     /// Held while a handle writes its pages back (one layer writer at a time).
     pub write_lock: std::sync::Mutex<()>,
@@ -257,7 +259,12 @@ impl Handle {
 
     fn stale(&self) -> Option<String> {
         let now = self.live.generation.load(Ordering::SeqCst);
-        if self.live.revoked.load(Ordering::SeqCst) {
+        if self.live.deleted.load(Ordering::SeqCst) {
+            Some(format!(
+                "region {} was deleted; this handle is no longer valid",
+                self.content.name
+            ))
+        } else if self.live.revoked.load(Ordering::SeqCst) {
             Some(format!(
                 "region {} was revoked (generation {now}); this handle is no longer valid",
                 self.content.name

@@ -18,6 +18,7 @@
 pub mod broker;
 pub mod cat;
 pub mod content;
+pub mod gc;
 pub mod session;
 pub mod stats;
 pub mod store;

@@ -352,6 +352,7 @@ impl Live {
         Live {
             generation: generation.into(),
             revoked: revoked.into(),
+            deleted: false.into(),
             stats: Counters::default(),
             write_lock: std::sync::Mutex::new(()),
             handles: 0.into(),

@@ -63,6 +63,11 @@ impl RegionFiles {
         Ok(())
     }
 
+    /// `chunks`, `manifests` or `layers`.
+    pub(super) fn dir(&self, which: &str) -> PathBuf {
+        self.root.join(which)
+    }
+
     pub fn chunk_path(&self, hash: &str) -> PathBuf {
         self.root.join("chunks").join(&hash[..2]).join(hash)
     }

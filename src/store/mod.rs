@@ -122,6 +122,8 @@ pub struct WriteBatch {
     pub leases: Vec<LeaseInfo>,
     /// Regions to insert or replace.
     pub regions: Vec<crate::region::RegionInfo>,
+    /// Regions whose records go (`region delete`).
+    pub regions_deleted: Vec<String>,
     pub ops: Vec<NewOperation>,
 }
 

@@ -197,6 +197,11 @@ fn apply(
         .and_then(|mut st| st.execute(params![region.name, info]))
         .map_err(|e| format!("region {}: {e}", region.name))?;
     }
+    for name in &batch.regions_deleted {
+        conn.prepare_cached("DELETE FROM regions WHERE name = ?1")
+            .and_then(|mut st| st.execute(params![name]))
+            .map_err(|e| format!("region {name}: {e}"))?;
+    }
     let mut rows = Vec::with_capacity(batch.ops.len());
     for op in batch.ops {
         let row = OperationRow::seal(head.seq + 1, time_ms, &head.hash, op);

@@ -183,7 +183,7 @@ enum Command {
     /// running job's class with its parameters (JOB CLASS PARAMETERS).
     Sched,
     /// Regions: byte ranges jobs map as memory, served lazily by the daemon
-    /// (userfaultfd): create, publish, revoke, inspect, list.
+    /// (userfaultfd): create, publish, revoke, delete, inspect, list.
     #[command(subcommand)]
     Region(RegionCommand),
     /// Published snapshots: list, show, remove.
@@ -268,6 +268,10 @@ enum RegionCommand {
     Publish { name: String },
     /// Refuse new opens and fail open handles at their next fault (SIGBUS).
     Revoke { name: String },
+    /// Remove the region: its record, its own pages, and the chunks no other region
+    /// names. Refused while handles are open (revoke first, then delete once they
+    /// have closed).
+    Delete { name: String },
     /// One region: its record, open handles, fault counters by outcome, bytes,
     /// read-ahead, fault latency, latest failures.
     Inspect {
@@ -396,6 +400,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<i32, 
                 regions::change(client, &name, "publish", json).await
             }
             RegionCommand::Revoke { name } => regions::change(client, &name, "revoke", json).await,
+            RegionCommand::Delete { name } => regions::delete(client, &name, json).await,
             RegionCommand::Inspect { name, job } => {
                 regions::inspect(client, &name, job.as_deref(), json).await
             }

@@ -3,7 +3,7 @@
 use crate::output::table;
 use crate::{Fail, emit, emit_json};
 use agentd::api::client::{Client, encode};
-use agentd::api::types::{RegionCreateRequest, RegionView};
+use agentd::api::types::{RegionCreateRequest, RegionDeleted, RegionView};
 use std::path::PathBuf;
 
 fn bytes(n: u64) -> String {
@@ -93,6 +93,27 @@ pub async fn change(client: &Client, name: &str, what: &str, json: bool) -> Resu
             v.info.generation,
             base(&v),
             v.handles
+        ))?;
+    }
+    Ok(0)
+}
+
+pub async fn delete(client: &Client, name: &str, json: bool) -> Result<i32, Fail> {
+    let v: RegionDeleted = client
+        .delete(&format!("/v1/regions/{}", encode(name)))
+        .await?;
+    if json {
+        emit_json(&v)?;
+    } else {
+        let f = &v.freed;
+        emit(&format!(
+            "{} deleted (generation {}); freed {} chunk(s), {} manifest(s), {} layer file(s): {}\n",
+            v.region.name,
+            v.region.generation,
+            f.chunks,
+            f.manifests,
+            f.layers,
+            bytes(f.bytes)
         ))?;
     }
     Ok(0)

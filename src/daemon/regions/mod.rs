@@ -4,6 +4,9 @@
 //! `/run/agentd/regions.sock` (region::session). Every create, publish, revoke, open
 //! (allowed or refused), kept write and failed access is an operation row.
 
+mod delete;
+pub use delete::delete;
+
 use super::jobs::{ApiError, deny, who};
 use super::{Daemon, daemon_op, now_ms};
 use crate::api::types::{EventKind, RegionCreateRequest, RegionFailure, RegionView};
@@ -56,6 +59,17 @@ impl Regions {
                 r.name.clone(),
                 Arc::new(Live::new(r.generation, r.state == RegionState::Revoked)),
             );
+        }
+        // What a crash between a recorded delete and its sweep left behind.
+        match files.sweep(
+            &manifests_in_use(&infos),
+            &infos.iter().map(|r| r.name.clone()).collect(),
+        ) {
+            Ok(swept) if swept != Default::default() => {
+                tracing::info!("regions: removed what deleted regions left: {swept:?}")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("regions: store not swept: {e}"),
         }
         Ok(Regions {
             files,
@@ -207,6 +221,19 @@ impl Regions {
     pub fn forget_job(&self, job: &str) {
         self.job_stats.lock().expect("regions lock").remove(job);
     }
+}
+
+/// The manifests the regions' bases name (a clone's inherited base included).
+fn manifests_in_use<'a>(
+    infos: impl IntoIterator<Item = &'a RegionInfo>,
+) -> std::collections::HashSet<String> {
+    infos
+        .into_iter()
+        .filter_map(|r| match &r.base {
+            Base::Chunks { manifest } => Some(manifest.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn no_such_region(name: &str) -> ApiError {
