@@ -559,7 +559,19 @@ fn delete_waits_for_open_handles_and_frees_only_what_no_other_region_names() {
     // The clone still reads its parent's bytes and its own write, after a restart too.
     let mut lab = lab;
     lab.d.sigterm();
+    // As a crash between a recorded delete and its sweep would leave it: a chunk no
+    // manifest names, an orphan layer, and the mark. The next daemon takes them back.
+    let store = lab.d.state_dir().join("regions");
+    let orphan_chunk = store.join("chunks/ab").join("ab".repeat(32));
+    std::fs::create_dir_all(orphan_chunk.parent().unwrap()).unwrap();
+    std::fs::write(&orphan_chunk, b"garbage").unwrap();
+    let orphan_layer = store.join("layers/gone.map");
+    std::fs::write(&orphan_layer, b"\x01").unwrap();
+    std::fs::write(store.join("sweep-pending"), b"").unwrap();
     lab.d.launch();
+    assert!(!orphan_chunk.exists() && !orphan_layer.exists());
+    assert!(!store.join("sweep-pending").exists());
+    assert_eq!(chunk_files(&lab), 64);
     assert_eq!(lab.d.get("/v1/regions/base-d").status, 404);
     let j = lab.job(
         &["child-d"],

@@ -3,10 +3,12 @@
 //! of regions that no longer exist.
 //!
 //! The caller holds the registry's change lock (no create, clone or publish writes a
-//! manifest or chunk meanwhile) and has recorded the deletion first, so a crash between
-//! the two leaves garbage, never a region without its bytes; the daemon sweeps again at
-//! start-up. If a manifest still in use cannot be read, nothing is removed: the chunks it
-//! names are unknown, and losing a region's bytes is worse than keeping garbage.
+//! manifest or chunk meanwhile), marks a sweep pending, and records the deletion before
+//! sweeping, so a crash between the two leaves garbage, never a region without its
+//! bytes; a daemon that finds the mark sweeps when it starts (and only then: a sweep
+//! reads every manifest in use). If a manifest still in use cannot be read, nothing is
+//! removed: the chunks it names are unknown, and losing a region's bytes is worse than
+//! keeping garbage.
 //! Temporary files (a write in progress, or a crash's leftover) are left alone.
 
 use super::store::{RegionFiles, StoreError};
@@ -64,7 +66,25 @@ fn remove(path: &Path, swept: &mut Swept) -> Result<u64, StoreError> {
     }
 }
 
+const PENDING: &str = "sweep-pending";
+
 impl RegionFiles {
+    /// A sweep is owed (a delete was recorded, or is about to be): survives a crash.
+    pub fn mark_sweep(&self) -> Result<(), StoreError> {
+        let path = self.dir(PENDING);
+        std::fs::File::create(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path))?;
+        let dir = self.dir("");
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))
+    }
+
+    pub fn sweep_pending(&self) -> bool {
+        self.dir(PENDING).exists()
+    }
+
     /// Removes what neither `manifests_in_use` (the manifests regions' bases name) nor
     /// `regions` (the names of the regions that exist) need.
     pub fn sweep(
@@ -111,6 +131,7 @@ impl RegionFiles {
                 swept.layers += remove(&path, &mut swept)?;
             }
         }
+        let _ = std::fs::remove_file(self.dir(PENDING));
         Ok(swept)
     }
 }
@@ -153,6 +174,8 @@ mod tests {
         std::fs::write(&tmp, b"x").unwrap();
 
         // Region a is deleted: b stays.
+        files.mark_sweep().unwrap();
+        assert!(files.sweep_pending());
         let in_use = HashSet::from([b.clone()]);
         let regions = HashSet::from(["b".to_owned()]);
         let swept = files.sweep(&in_use, &regions).unwrap();
@@ -170,12 +193,15 @@ mod tests {
         assert!(files.layer_map("b").exists() && files.layer_data("b").exists());
         assert!(!files.layer_map("a").exists() && !files.layer_data("a").exists());
         assert!(tmp.exists());
+        assert!(!files.sweep_pending(), "a finished sweep clears the mark");
         // Again: nothing more to do.
         assert_eq!(files.sweep(&in_use, &regions).unwrap(), Swept::default());
 
         // A manifest in use that cannot be read: nothing is removed.
         std::fs::write(dir.path().join("regions/manifests").join(&b), b"{").unwrap();
+        files.mark_sweep().unwrap();
         assert!(files.sweep(&in_use, &HashSet::new()).is_err());
+        assert!(files.sweep_pending(), "a failed sweep stays owed");
         files.read_chunk(&shared, &mut buf).unwrap();
         assert!(files.layer_map("b").exists());
     }

@@ -44,7 +44,13 @@ pub async fn delete(
              revoke it first, so they fail at their next fault, and delete it once they have closed"
         )));
     }
-    // 2: a handle opened between that check and the record fails at its first fault;
+    // 2: a sweep is owed from here on: if the daemon dies after the record, the next
+    // one takes the space back when it starts.
+    regions
+        .files
+        .mark_sweep()
+        .map_err(|e| ApiError::internal(format!("cannot delete region {name}: {e}")))?;
+    // A handle opened between the check above and the record fails at its first fault;
     // once the record is gone from the registry (4) no open is allowed at all.
     live.deleted.store(true, SeqCst);
     // 3: the record goes, with the row that says so, in one transaction.
@@ -76,8 +82,8 @@ pub async fn delete(
     }
     // 4: gone from the registry: opens are refused ("no region").
     regions.forget(name);
-    // 5: the store's space. A failure leaves garbage, not a broken region; the daemon
-    // sweeps again when it starts.
+    // 5: the store's space. A failure leaves garbage, not a broken region, and the mark:
+    // the daemon sweeps again when it starts.
     let (in_use, names) = regions.in_use();
     let files = regions.files.clone();
     let freed = match tokio::task::spawn_blocking(move || files.sweep(&in_use, &names)).await {

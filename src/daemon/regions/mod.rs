@@ -67,15 +67,14 @@ impl Regions {
             );
         }
         // What a crash between a recorded delete and its sweep left behind.
-        match files.sweep(
-            &manifests_in_use(&infos),
-            &infos.iter().map(|r| r.name.clone()).collect(),
-        ) {
-            Ok(swept) if swept != Default::default() => {
-                tracing::info!("regions: removed what deleted regions left: {swept:?}")
+        if files.sweep_pending() {
+            let names = infos.iter().map(|r| r.name.clone()).collect();
+            match files.sweep(&manifests_in_use(&infos), &names) {
+                Ok(swept) => {
+                    tracing::info!("regions: removed what deleted regions left: {swept:?}")
+                }
+                Err(e) => tracing::warn!("regions: store not swept (tried again next start): {e}"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("regions: store not swept: {e}"),
         }
         Ok(Regions {
             files,
