@@ -239,3 +239,37 @@ fn operator_policy_dir_takes_precedence_and_is_validated() {
         "{err}"
     );
 }
+
+#[test]
+fn a_runtime_directory_the_jobs_user_cannot_pass_through_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    // The operator's directory above the runtime directory: only root may pass.
+    let private = env.path("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let run = private.join("run");
+    let out = env.agentd_with_env(
+        &["run", "--", "/bin/true"],
+        &[("AGENTD_RUNTIME_DIR", run.to_str().unwrap())],
+    );
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("below {} (mode 0700)", private.display()))
+            && err.contains("chmod o+x"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let jobs: Vec<_> = std::fs::read_dir(run.join("jobs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(jobs.is_empty(), "left behind: {jobs:?}");
+    // Passable, the same job runs.
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let out = env.agentd_with_env(
+        &["run", "--", "/bin/true"],
+        &[("AGENTD_RUNTIME_DIR", run.to_str().unwrap())],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

@@ -154,13 +154,33 @@ pub struct Allocated {
 /// Makes agentd's runtime directory exist and lets every job's user pass through it
 /// (execute, not list): a job's setup binds files below it as the job's user (its view,
 /// its socket directory, the resolver configuration). Each job's own runtime directory
-/// below stays 0700.
+/// below stays 0700. The directories above it are the operator's: one that other users
+/// cannot pass through is an error that names it (else the job's setup would fail with
+/// a bare "Permission denied").
 pub fn make_passable(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o711)
         .create(dir)?;
+    let absolute = std::path::absolute(dir)?;
+    for above in absolute.ancestors().skip(1) {
+        let mode = std::fs::metadata(above)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the runtime directory {} is below {} (mode {:04o}), which other users cannot pass through; \
+                     a job's setup binds files from the runtime directory as the job's user: \
+                     chmod o+x {} or choose another runtime directory",
+                    dir.display(),
+                    above.display(),
+                    mode & 0o7777,
+                    above.display()
+                ),
+            ));
+        }
+    }
     let mode = std::fs::metadata(dir)?.permissions().mode();
     if mode & 0o011 != 0o011 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;

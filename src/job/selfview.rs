@@ -75,7 +75,9 @@ pub fn render(
         _ => "max".to_owned(),
     };
     let pressure = |what: &str| -> String {
-        for dir in f.cgroup_dirs {
+        // Pressure files are cgroup v2's: on a hybrid host the unified directory, which
+        // comes last, is the one that has them.
+        for dir in f.cgroup_dirs.iter().rev() {
             if let Ok(text) =
                 std::fs::read_to_string(Path::new(dir).join(format!("{what}.pressure")))
             {
@@ -237,6 +239,10 @@ pub fn render(
 pub struct Writer {
     /// A hash of each file's content as last written, in the (fixed) order of the files.
     written: Vec<u64>,
+    /// Directories of the view this writer made (or found) already: a first write is
+    /// some thirty files, and asking for each one's directories again costs a failing
+    /// mkdir apiece.
+    made: std::collections::HashSet<std::path::PathBuf>,
 }
 
 impl Writer {
@@ -244,6 +250,17 @@ impl Writer {
         &mut self,
         dir: &Path,
         files: &BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        self.write_changed_until(dir, files, &|| false)
+    }
+
+    /// As `write_changed`, stopping between two files once `stop` says so (the job has
+    /// ended: nobody will read the rest, and whoever waits for the writer need not).
+    pub fn write_changed_until(
+        &mut self,
+        dir: &Path,
+        files: &BTreeMap<String, String>,
+        stop: &dyn Fn() -> bool,
     ) -> std::io::Result<()> {
         if self.written.len() != files.len() {
             self.written = vec![0; files.len()];
@@ -253,7 +270,16 @@ impl Writer {
             if self.written[i] == h {
                 continue;
             }
-            write_atomic(dir, name, content)
+            if stop() {
+                break;
+            }
+            let parent = dir.join(name).parent().map(Path::to_path_buf);
+            if let Some(parent) = parent.filter(|p| !self.made.contains(p)) {
+                make_dirs(dir, &parent)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{name}: {e}")))?;
+                self.made.insert(parent);
+            }
+            write_file_atomic(&dir.join(name), content)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{name}: {e}")))?;
             self.written[i] = h;
         }
@@ -272,9 +298,14 @@ fn hash(text: &str) -> u64 {
 /// made as needed, but never the job's own directory above them: a job that ended
 /// meanwhile took it away, and it must not come back.
 pub fn write_atomic(dir: &Path, name: &str, content: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let path = dir.join(name);
-    let parent = path.parent().expect("a file below the view");
+    make_dirs(dir, path.parent().expect("a file below the view"))?;
+    write_file_atomic(&path, content)
+}
+
+/// `dir` and the directories from it down to `parent` (which is below it), as needed.
+fn make_dirs(dir: &Path, parent: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     let mut made = dir.to_path_buf();
     let below = parent.strip_prefix(dir).unwrap_or(Path::new(""));
     for part in std::iter::once(std::ffi::OsStr::new("")).chain(below.iter()) {
@@ -286,13 +317,23 @@ pub fn write_atomic(dir: &Path, name: &str, content: &str) -> std::io::Result<()
             _ => {}
         }
     }
-    let tmp = parent.join(format!(
+    Ok(())
+}
+
+/// Writes `path` through a temporary file beside it and a rename; 0644 whatever the
+/// umask (the job's user reads it), set on the open file.
+fn write_file_atomic(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_file_name(format!(
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("f")
     ));
-    std::fs::write(&tmp, content)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, &path)
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(content.as_bytes())?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// Where `agentd run` jobs see their view.
@@ -363,6 +404,11 @@ impl Wake {
         cv.notify_one();
     }
 
+    /// Asked to stop (the job has ended)?
+    fn stopping(&self) -> bool {
+        *self.0.0.lock().expect("view wake lock") == STOP
+    }
+
     /// Waits up to `timeout` for a request; true when asked to stop.
     fn wait(&self, timeout: std::time::Duration) -> bool {
         let (state, cv) = &*self.0;
@@ -417,7 +463,8 @@ impl RunView {
                         refusals: Vec::new(),
                     };
                     let files = render(&f, &start_report, cgroup.usage(), &network);
-                    if let Err(e) = writer.write_changed(&dir, &files) {
+                    let stop = || w.stopping();
+                    if let Err(e) = writer.write_changed_until(&dir, &files, &stop) {
                         super::say(&format!(
                             "agentd: job {}: cannot write its view: {e}",
                             facts.job_id
