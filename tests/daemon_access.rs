@@ -411,3 +411,44 @@ fn connections_over_the_bound_are_closed_at_once() {
             .is_ok_and(|r| !r.is_empty() && parse_response(&r).status == 200)
     });
 }
+
+/// Regions belong to their creator: a group member may make and delete its own, not
+/// publish, revoke or delete root's; each refusal is a row.
+#[test]
+fn a_group_member_changes_only_its_own_regions() {
+    let d = TestDaemon::start(&["--group", "nogroup"]);
+    let as_member = |method: &str, path: &str, body: Option<&str>| -> Http {
+        let req = build_request(method, path, body.map(str::as_bytes));
+        parse_response(&raw_exchange_as(65534, 65534, &[], &d.sock(), &req))
+    };
+    d.ctl_ok(&["region", "create", "roots", "--zero", "1M"]);
+    for (method, path) in [
+        ("DELETE", "/v1/regions/roots"),
+        ("POST", "/v1/regions/roots/publish"),
+        ("POST", "/v1/regions/roots/revoke"),
+    ] {
+        let msg = as_member(method, path, Some("")).error(403);
+        assert!(msg.contains("belongs to uid 0"), "{method} {path}: {msg}");
+    }
+    assert_eq!(d.get("/v1/regions/roots").status, 200, "still there");
+    let audit = d.audit();
+    for action in ["region.delete", "region.publish", "region.revoke"] {
+        assert!(
+            audit.iter().any(|r| r["action"] == action
+                && r["authority"]
+                    .as_str()
+                    .is_some_and(|a| a.contains("denied"))),
+            "no refusal row for {action}"
+        );
+    }
+    let r = as_member(
+        "POST",
+        "/v1/regions",
+        Some(r#"{"name": "mine", "zero": "1M"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = as_member("DELETE", "/v1/regions/mine", Some(""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["region"]["owner_uid"], 65534);
+    assert_eq!(d.get("/v1/regions/mine").status, 404);
+}

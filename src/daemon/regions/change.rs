@@ -205,11 +205,7 @@ pub async fn publish(
             requester: requester.clone(),
             action: "region.publish".into(),
             target: Some(name.to_owned()),
-            authority: format!(
-                "{} may manage region {name} ({})",
-                who(&requester),
-                owner_rule(&requester)
-            ),
+            authority: manage_authority(&requester, name),
             change: serde_json::json!({"region": name,
                 "generation": {"before": info.generation, "after": after.generation},
                 "base": {"before": info.base, "after": after.base},
@@ -282,14 +278,7 @@ async fn change_allowed(
     info: &RegionInfo,
     action: &str,
 ) -> Result<(), ApiError> {
-    if !may_manage(requester, info) {
-        let why = format!(
-            "region {} belongs to uid {}; only it and root may change it",
-            info.name, info.owner_uid
-        );
-        deny(d, requester, action, Some(&info.name), "region owner", &why).await;
-        return Err(ApiError::forbidden(why));
-    }
+    owner_allowed(d, requester, info, action).await?;
     if info.state == RegionState::Revoked {
         return Err(ApiError::conflict(format!(
             "region {} is revoked already",
@@ -321,11 +310,7 @@ pub async fn revoke(
             requester: requester.clone(),
             action: "region.revoke".into(),
             target: Some(name.to_owned()),
-            authority: format!(
-                "{} may manage region {name} ({})",
-                who(&requester),
-                owner_rule(&requester)
-            ),
+            authority: manage_authority(&requester, name),
             change: serde_json::json!({"region": name, "state": {"before": "active", "after": "revoked"},
                 "generation": {"before": info.generation, "after": after.generation},
                 "open_handles": open}),

@@ -2,11 +2,11 @@
 //! held (its layer, and the manifests and chunks no other region names: chunks are
 //! shared by content, so a publish's bytes stay while another region needs them).
 
-use super::{Regions, manifests_in_use, may_manage, no_such_region, owner_rule};
+use super::{Regions, manage_authority, manifests_in_use, no_such_region, owner_allowed};
 use crate::api::types::{EventKind, RegionDeleted};
 use crate::audit::{NewOperation, Requester};
 use crate::daemon::Daemon;
-use crate::daemon::jobs::{ApiError, deny, who};
+use crate::daemon::jobs::ApiError;
 use crate::store::WriteBatch;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
@@ -19,22 +19,7 @@ pub async fn delete(
     let regions = &d.regions;
     let _one = regions.changing.lock().await;
     let info = regions.info(name).ok_or_else(|| no_such_region(name))?;
-    if !may_manage(&requester, &info) {
-        let why = format!(
-            "region {name} belongs to uid {}; only it and root may delete it",
-            info.owner_uid
-        );
-        deny(
-            d,
-            &requester,
-            "region.delete",
-            Some(name),
-            "region owner",
-            &why,
-        )
-        .await;
-        return Err(ApiError::forbidden(why));
-    }
+    owner_allowed(d, &requester, &info, "region.delete").await?;
     let live = regions.live(name).expect("a region has its live state");
     // 1: a job reading it would lose its pages midway: refuse while handles are open.
     let open = live.handles.load(SeqCst);
@@ -60,11 +45,7 @@ pub async fn delete(
             requester: requester.clone(),
             action: "region.delete".into(),
             target: Some(name.to_owned()),
-            authority: format!(
-                "{} may manage region {name} ({})",
-                who(&requester),
-                owner_rule(&requester)
-            ),
+            authority: manage_authority(&requester, name),
             change: serde_json::json!({"region": name, "generation": info.generation,
                 "state": info.state, "size": info.size, "base": info.base,
                 "layer_pages": info.layer_pages}),

@@ -252,3 +252,31 @@ fn may_manage(r: &Requester, info: &RegionInfo) -> bool {
 fn owner_rule(r: &Requester) -> &'static str {
     if r.uid == 0 { "root" } else { "its creator" }
 }
+
+/// Only root and the region's creator may change it (publish, revoke, delete); a
+/// refusal is a `denied` row for `action`.
+async fn owner_allowed(
+    d: &Daemon,
+    requester: &Requester,
+    info: &RegionInfo,
+    action: &str,
+) -> Result<(), ApiError> {
+    if may_manage(requester, info) {
+        return Ok(());
+    }
+    let why = format!(
+        "region {} belongs to uid {}; only it and root may change it",
+        info.name, info.owner_uid
+    );
+    deny(d, requester, action, Some(&info.name), "region owner", &why).await;
+    Err(ApiError::forbidden(why))
+}
+
+/// The authority of a change `owner_allowed` let through, as its row says it.
+fn manage_authority(requester: &Requester, name: &str) -> String {
+    format!(
+        "{} may manage region {name} ({})",
+        who(requester),
+        owner_rule(requester)
+    )
+}
